@@ -1,0 +1,974 @@
+"""The NetworkController: the CNM lifecycle and its rules.
+
+Owns every state change of networks, endpoints and sandboxes. Each multi-step change
+follows intent -> kernel -> confirm: the intent (a record in state "creating",
+"deleting", "joining" or "leaving") is written in one store transaction before any
+kernel or driver work, and confirmed in another after it. A failure rolls back what was
+done; a crash leaves the intent behind for `reconcile()` to finish or undo.
+
+Rules (libnetwork's Component Lifecycle): a network is deleted only without endpoints;
+an endpoint is deleted only when not joined (unless force); a sandbox is created on the
+first join of a container and deleted when its last endpoint leaves, unless it was
+created explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cnm import fastpath
+
+from . import errors
+from .driverapi import (
+    Driver,
+    EndpointInfo,
+    ExternalConnectivity,
+    InterfaceInfo,
+    NetworkInfo,
+    SandboxInfo,
+)
+from .drivers import DriverRegistry, builtin_registry
+from .endpoint import Endpoint
+from .ipam.api import (
+    AUX_ADDRESS_TYPE,
+    GATEWAY_ADDRESS_TYPE,
+    GATEWAY_DATA_KEY,
+    REQUEST_ADDRESS_TYPE,
+    IpamDriver,
+    PoolRequest,
+)
+from .ipam.default import DefaultIpam
+from .network import Network
+from .osl import NamespaceStore
+from .sandbox import Sandbox
+from .store import SQLiteStore
+from .types import (
+    EndpointRecord,
+    IPAddress,
+    IPAMConfig,
+    NetworkRecord,
+    PoolData,
+    SandboxRecord,
+    ValidIPAMConfig,
+    generate_mac,
+    is_id_prefix,
+    new_id,
+    parse_address,
+    parse_mac,
+    parse_string_map,
+    validate_name,
+)
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_PLUGIN_DIRS = ("/run/docker/plugins", "/etc/docker/plugins", "/usr/lib/docker/plugins")
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+_ETCD_RE = re.compile(r"etcd://[^/\s]+(/\S*)?\Z")
+EndpointSpec = tuple[str, str | None, str | None, str | None, Mapping[str, str] | None]
+
+
+@dataclass(frozen=True)
+class _JoinPlan:
+    endpoint: EndpointRecord
+    network: NetworkRecord
+    sandbox: SandboxRecord
+
+
+class NetworkController:
+    """Manages networks, endpoints and sandboxes on this host (spec/api.md)."""
+
+    def __init__(
+        self,
+        state_dir: str = "/var/lib/cnm",
+        run_dir: str = "/run/cnm",
+        fastpath: str = "auto",
+        store: str | None = None,
+        plugin_dirs: Sequence[str] | None = None,
+        ebpf: str = "auto",
+    ) -> None:
+        try:
+            self.fastpath = _select_fastpath(fastpath)
+        except ValueError as exc:
+            raise errors.InvalidParameter(str(exc)) from None
+        if store is not None:
+            if not isinstance(store, str) or not _ETCD_RE.match(store):
+                raise errors.InvalidParameter(
+                    f"store must be None or 'etcd://host:port[,host:port]/prefix', not {store!r}"
+                )
+            raise errors.Unsupported(
+                "the etcd global store is not part of this build yet; use store=None"
+            )
+        if ebpf not in ("auto", "on", "off"):
+            raise errors.InvalidParameter(f"ebpf must be 'auto', 'on' or 'off', not {ebpf!r}")
+        if ebpf == "on":
+            raise errors.Unsupported("the eBPF data path is not part of this build yet")
+        self.ebpf = "off"
+        if plugin_dirs is None:
+            plugin_dirs = DEFAULT_PLUGIN_DIRS
+        if isinstance(plugin_dirs, str) or not all(isinstance(d, str) for d in plugin_dirs):
+            raise errors.InvalidParameter("plugin_dirs must be a list of directory paths")
+        self.plugin_dirs = tuple(plugin_dirs)
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self._store = SQLiteStore(state_dir)
+        self._ipam: dict[str, IpamDriver] = {"default": DefaultIpam(self._store)}
+        self._registry: DriverRegistry = builtin_registry()
+        self._namespaces = NamespaceStore(run_dir)
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # --- life of the controller ----------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store.close()
+
+    def __enter__(self) -> NetworkController:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> SQLiteStore:
+        return self._store
+
+    @property
+    def namespaces(self) -> NamespaceStore:
+        return self._namespaces
+
+    @property
+    def registry(self) -> DriverRegistry:
+        return self._registry
+
+    def drivers(self) -> list[str]:
+        return self._registry.names()
+
+    def ipam_driver(self, name: str) -> IpamDriver:
+        if name == "null":
+            raise errors.InvalidParameter("the null IPAM driver allocates nothing")
+        try:
+            return self._ipam[name]
+        except KeyError:
+            raise errors.DriverNotFound(name) from None
+
+    def _driver(self, name: str) -> Driver:
+        return self._registry.get(name)
+
+    # --- look-ups ------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve(
+        kind: str, ref: object, by_id: Any, by_name: Any, by_prefix: Any, not_found: Exception
+    ) -> Any:
+        """Docker's order: exact id, exact name, then a unique id prefix."""
+        if not isinstance(ref, str) or not ref:
+            raise errors.InvalidParameter(f"{kind} reference must be a non-empty string")
+        if len(ref) == 64 and (rec := by_id(ref)) is not None:
+            return rec
+        if (rec := by_name(ref)) is not None:
+            return rec
+        if is_id_prefix(ref):
+            matches = by_prefix(ref)
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise errors.AmbiguousReference(kind, ref, [m.id for m in matches])
+        raise not_found
+
+    def network(self, ref: str) -> Network:
+        """A network by name, id, or unique id prefix."""
+        s = self._store
+        rec = self._resolve(
+            "network",
+            ref,
+            s.network_by_id,
+            s.network_by_name,
+            s.networks_by_id_prefix,
+            errors.NetworkNotFound(str(ref)),
+        )
+        return Network(self, rec)
+
+    def networks(self) -> list[Network]:
+        return [Network(self, r) for r in self._store.networks()]
+
+    def _network_by_id(self, network_id: str) -> Network:
+        rec = self._store.network_by_id(network_id)
+        if rec is None:
+            raise errors.NetworkNotFound(network_id)
+        return Network(self, rec)
+
+    def _endpoint(self, net: Network, ref: str) -> Endpoint:
+        s = self._store
+        rec = self._resolve(
+            "endpoint",
+            ref,
+            s.endpoint_by_id,
+            lambda name: s.endpoint_by_name(net.id, name),
+            lambda prefix: s.endpoints_by_id_prefix(net.id, prefix),
+            errors.EndpointNotFound(str(ref), net.name),
+        )
+        if rec.network_id != net.id:
+            raise errors.EndpointNotFound(str(ref), net.name)
+        return Endpoint(self, rec)
+
+    def _endpoints(self, net: Network) -> list[Endpoint]:
+        return [Endpoint(self, r) for r in self._store.endpoints(net.id)]
+
+    def _endpoint_record(self, endpoint_id: str) -> EndpointRecord:
+        rec = self._store.endpoint_by_id(endpoint_id)
+        if rec is None:
+            raise errors.EndpointNotFound(endpoint_id)
+        return rec
+
+    def sandbox(self, ref: str) -> Sandbox:
+        """A sandbox by container id, sandbox id, or unique sandbox id prefix."""
+        s = self._store
+        rec = self._resolve(
+            "sandbox",
+            ref,
+            s.sandbox_by_id,
+            s.sandbox_by_container,
+            s.sandboxes_by_id_prefix,
+            errors.SandboxNotFound(str(ref)),
+        )
+        return Sandbox(self, rec)
+
+    def sandboxes(self) -> list[Sandbox]:
+        return [Sandbox(self, r) for r in self._store.sandboxes()]
+
+    def _sandbox_by_id(self, sandbox_id: str) -> Sandbox:
+        rec = self._store.sandbox_by_id(sandbox_id)
+        if rec is None:
+            raise errors.SandboxNotFound(sandbox_id)
+        return Sandbox(self, rec)
+
+    def _sandbox_endpoints(self, sb: Sandbox) -> list[Endpoint]:
+        return [Endpoint(self, r) for r in self._store.endpoints(sandbox_id=sb.id)]
+
+    # --- networks ------------------------------------------------------------------------
+
+    def create_network(
+        self,
+        name: str,
+        driver: str = "bridge",
+        ipv4: Sequence[IPAMConfig] | None = None,
+        ipv6: Sequence[IPAMConfig] | None = None,
+        enable_ipv6: bool = False,
+        internal: bool = False,
+        options: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        ipam_driver: str = "default",
+        ipam_options: Mapping[str, str] | None = None,
+    ) -> Network:
+        """Create a network; nothing is changed if any input is invalid or a step fails."""
+        validate_name("network", name)
+        if not isinstance(driver, str):
+            raise errors.InvalidParameter(f"driver must be a string, not {driver!r}")
+        drv = self._driver(driver)
+        opts = parse_string_map(options, "options")
+        typed_opts = drv.options_type.parse(opts, driver=driver)
+        labels_ = parse_string_map(labels, "labels")
+        ipam_opts = parse_string_map(ipam_options, "ipam_options")
+        for flag, value in (("enable_ipv6", enable_ipv6), ("internal", internal)):
+            if not isinstance(value, bool):
+                raise errors.InvalidParameter(f"{flag} must be a bool, not {value!r}")
+        v4 = _ipam_configs(ipv4, 4)
+        v6 = _ipam_configs(ipv6, 6)
+        if v6 and not enable_ipv6:
+            raise errors.InvalidParameter("IPv6 pools were given but enable_ipv6 is False")
+        _check_pool_overlap(v4 + v6)
+        ipam: IpamDriver | None = None
+        if ipam_driver == "null":
+            if v4 or v6:
+                raise errors.InvalidParameter("the null IPAM driver takes no address pools")
+        else:
+            ipam = self.ipam_driver(ipam_driver)
+        scope = drv.capability.data_scope
+
+        with self._lock:
+            net_id = new_id()
+            with self._store.tx():
+                if self._store.network_by_name(name) is not None:
+                    raise errors.NameInUse("network", name)
+                pools4: tuple[PoolData, ...] = ()
+                pools6: tuple[PoolData, ...] = ()
+                if ipam is not None:
+                    local, global_ = ipam.default_address_spaces()
+                    space = global_ if scope in ("global", "swarm") else local
+                    pools4 = self._request_pools(
+                        ipam, net_id, space, v4 or [None], ipam_opts, False
+                    )
+                    if enable_ipv6:
+                        pools6 = self._request_pools(
+                            ipam, net_id, space, v6 or [None], ipam_opts, True
+                        )
+                rec = NetworkRecord(
+                    id=net_id,
+                    name=name,
+                    driver=driver,
+                    scope=scope,
+                    ipam_driver=ipam_driver,
+                    enable_ipv6=enable_ipv6,
+                    internal=internal,
+                    options=opts,
+                    labels=labels_,
+                    ipam_options=ipam_opts,
+                    ipv4=pools4,
+                    ipv6=pools6,
+                    state="creating",
+                    created=time.time(),
+                )
+                self._store.put_network(rec)
+            info = NetworkInfo(
+                id=net_id,
+                name=name,
+                options=typed_opts,
+                ipv4=pools4,
+                ipv6=pools6,
+                enable_ipv6=enable_ipv6,
+                internal=internal,
+                labels=labels_,
+            )
+            try:
+                drv.create_network(info)
+            except BaseException:
+                with self._store.tx():
+                    self._release_network_pools(rec)
+                    self._store.delete_network(net_id)
+                raise
+            rec = replace(rec, state="ready")
+            self._store.set_network_state(net_id, "ready")
+            return Network(self, rec)
+
+    def _request_pools(
+        self,
+        ipam: IpamDriver,
+        owner: str,
+        space: str,
+        configs: Sequence[ValidIPAMConfig | None],
+        options: Mapping[str, str],
+        v6: bool,
+    ) -> tuple[PoolData, ...]:
+        out = []
+        for cfg in configs:
+            res = ipam.request_pool(
+                PoolRequest(
+                    address_space=space,
+                    pool=cfg.subnet if cfg else None,
+                    sub_pool=cfg.ip_range if cfg else None,
+                    options=options,
+                    v6=v6,
+                )
+            )
+            gateway = res.data.get(GATEWAY_DATA_KEY)
+            if not gateway:
+                gateway = str(
+                    ipam.request_address(
+                        res.pool_id,
+                        cfg.gateway if cfg else None,
+                        {REQUEST_ADDRESS_TYPE: GATEWAY_ADDRESS_TYPE},
+                        owner=owner,
+                    )
+                )
+            aux = {
+                name: str(
+                    ipam.request_address(
+                        res.pool_id, addr, {REQUEST_ADDRESS_TYPE: AUX_ADDRESS_TYPE}, owner=owner
+                    )
+                )
+                for name, addr in (cfg.aux_addresses.items() if cfg else ())
+            }
+            out.append(
+                PoolData(
+                    pool_id=res.pool_id,
+                    subnet=str(res.pool),
+                    gateway=gateway,
+                    ip_range=str(cfg.ip_range) if cfg and cfg.ip_range else None,
+                    aux_addresses=aux,
+                )
+            )
+        return tuple(out)
+
+    def _release_network_pools(self, rec: NetworkRecord) -> None:
+        if rec.ipam_driver == "null":
+            return
+        ipam = self.ipam_driver(rec.ipam_driver)
+        for pool in (*rec.ipv4, *rec.ipv6):
+            ipam.release_pool(pool.pool_id)
+
+    def _delete_network(self, net: Network) -> None:
+        with self._lock:
+            with self._store.tx():
+                rec = self._store.network_by_id(net.id)
+                if rec is None:
+                    raise errors.NetworkNotFound(net.name)
+                names = self._store.endpoint_names(rec.id)
+                if names:
+                    raise errors.ActiveEndpoints(rec.name, names)
+                if rec.state == "creating":
+                    raise errors.Conflict(f"network {rec.name!r} is still being created")
+                self._store.set_network_state(rec.id, "deleting")
+            try:
+                self._driver(rec.driver).delete_network(rec.id)
+            except BaseException:
+                self._store.set_network_state(rec.id, "ready")
+                raise
+            with self._store.tx():
+                self._release_network_pools(rec)
+                self._store.delete_network(rec.id)
+
+    # --- endpoints -----------------------------------------------------------------------
+
+    def _create_endpoints(self, net: Network, specs: Sequence[EndpointSpec]) -> list[Endpoint]:
+        parsed = []
+        seen: set[str] = set()
+        for name, v4, v6, mac, options in specs:
+            validate_name("endpoint", name)
+            if name in seen:
+                raise errors.NameInUse("endpoint", name)
+            seen.add(name)
+            parsed.append(
+                (
+                    name,
+                    parse_address(v4, "ipv4_address", 4) if v4 else None,
+                    parse_address(v6, "ipv6_address", 6) if v6 else None,
+                    parse_mac(mac) if mac else None,
+                    parse_string_map(options, "endpoint options"),
+                )
+            )
+        if not parsed:
+            return []
+        with self._lock:
+            with self._store.tx():
+                rec = self._store.network_by_id(net.id)
+                if rec is None:
+                    raise errors.NetworkNotFound(net.name)
+                if rec.state != "ready":
+                    raise errors.Conflict(f"network {rec.name!r} is {rec.state}")
+                if any(v6 for _, _, v6, _, _ in parsed) and not rec.enable_ipv6:
+                    raise errors.InvalidParameter(f"network {rec.name!r} has no IPv6 pool")
+                records = []
+                for name, v4, v6, mac, options in parsed:
+                    if self._store.endpoint_by_name(rec.id, name) is not None:
+                        raise errors.NameInUse("endpoint", name)
+                    ep_id = new_id()
+                    a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
+                    a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
+                    records.append(
+                        EndpointRecord(
+                            id=ep_id,
+                            name=name,
+                            network_id=rec.id,
+                            ipv4_address=a4,
+                            ipv6_address=a6,
+                            mac_address=mac or "",
+                            options=options,
+                            sandbox_id=None,
+                            state="creating",
+                            join_state="",
+                            driver_data={},
+                        )
+                    )
+                self._store.put_endpoints(records)
+            drv = self._driver(rec.driver)
+            done: list[EndpointRecord] = []
+            try:
+                for ep in records:
+                    iface = InterfaceInfo(
+                        ipv4_address=ipaddress.IPv4Interface(ep.ipv4_address)
+                        if ep.ipv4_address
+                        else None,
+                        ipv6_address=ipaddress.IPv6Interface(ep.ipv6_address)
+                        if ep.ipv6_address
+                        else None,
+                        mac_address=ep.mac_address or None,
+                    )
+                    reply = drv.create_endpoint(
+                        EndpointInfo(
+                            id=ep.id,
+                            name=ep.name,
+                            network_id=rec.id,
+                            interface=iface,
+                            options=ep.options,
+                        )
+                    )
+                    done.append(_apply_interface_reply(drv.name, ep, iface, reply))
+            except BaseException as exc:
+                failed = records[len(done)]
+                for ep in [*done, failed]:
+                    try:
+                        drv.delete_endpoint(rec.id, ep.id)
+                    except Exception as cleanup:  # keep going: every endpoint gets its chance
+                        exc.add_note(f"rollback: delete_endpoint {ep.name}: {cleanup}")
+                with self._store.tx():
+                    self._release_endpoint_addresses(rec, records)
+                    self._store.delete_endpoints([e.id for e in records])
+                raise
+            self._store.put_endpoints(done)
+            return [Endpoint(self, r) for r in done]
+
+    def _allocate(
+        self, net: NetworkRecord, pools: Sequence[PoolData], want: IPAddress | None, owner: str
+    ) -> str | None:
+        if not pools:
+            if want is not None:
+                raise errors.InvalidParameter(f"network {net.name!r} has no address pool")
+            return None
+        ipam = self.ipam_driver(net.ipam_driver)
+        if want is not None:
+            for pool in pools:
+                if want in ipaddress.ip_network(pool.subnet):
+                    return str(ipam.request_address(pool.pool_id, want, owner=owner))
+            raise errors.InvalidParameter(
+                f"address {want} is outside the pools of network {net.name!r}"
+            )
+        last: errors.PoolExhausted | None = None
+        for pool in pools:
+            try:
+                return str(ipam.request_address(pool.pool_id, None, owner=owner))
+            except errors.PoolExhausted as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def _release_endpoint_addresses(
+        self, net: NetworkRecord, eps: Iterable[EndpointRecord]
+    ) -> None:
+        if net.ipam_driver == "null":
+            return
+        ipam = self.ipam_driver(net.ipam_driver)
+        for ep in eps:
+            for addr, pools in ((ep.ipv4_address, net.ipv4), (ep.ipv6_address, net.ipv6)):
+                if not addr:
+                    continue
+                ip = ipaddress.ip_interface(addr).ip
+                for pool in pools:
+                    if ip in ipaddress.ip_network(pool.subnet):
+                        with contextlib.suppress(errors.AddressNotFound):
+                            ipam.release_address(pool.pool_id, ip)
+                        break
+
+    def delete_endpoints(self, endpoints: Iterable[Endpoint], force: bool = False) -> None:
+        """Delete many endpoints; refused while any is joined, unless force."""
+        self._delete_endpoints(list(endpoints), force=force)
+
+    def _delete_endpoints(self, endpoints: Sequence[Endpoint], *, force: bool) -> None:
+        with self._lock:
+            recs = _unique_records(self, endpoints)
+            busy = [r for r in recs if r.join_state not in ("", "joined") or r.state != "ready"]
+            if busy:
+                raise errors.Conflict(
+                    f"endpoint {busy[0].name!r} is in the middle of an operation "
+                    f"({busy[0].state}/{busy[0].join_state}); run reconcile"
+                )
+            joined = [r for r in recs if r.join_state == "joined"]
+            if joined and not force:
+                assert joined[0].sandbox_id is not None
+                raise errors.EndpointJoined(joined[0].name, joined[0].sandbox_id)
+            if joined:
+                self.leave_many(
+                    [(Endpoint(self, r), self._sandbox_by_id(r.sandbox_id or "")) for r in joined]
+                )
+                recs = [self._endpoint_record(r.id) for r in recs]
+            self._store.put_endpoints([replace(r, state="deleting") for r in recs])
+            failures: list[Exception] = []
+            deleted: dict[str, list[EndpointRecord]] = {}
+            nets: dict[str, NetworkRecord] = {}
+            for r in recs:
+                net = nets.get(r.network_id) or self._store.network_by_id(r.network_id)
+                assert net is not None
+                nets[net.id] = net
+                try:
+                    self._driver(net.driver).delete_endpoint(net.id, r.id)
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                deleted.setdefault(net.id, []).append(r)
+            with self._store.tx():
+                for net_id, eps in deleted.items():
+                    self._release_endpoint_addresses(nets[net_id], eps)
+                    self._store.delete_endpoints([e.id for e in eps])
+            _raise_all(failures, "delete endpoints")
+
+    # --- sandboxes, join and leave -------------------------------------------------------
+
+    def create_sandbox(
+        self,
+        container_id: str,
+        hostname: str | None = None,
+        dns: Sequence[str] = (),
+        dns_search: Sequence[str] = (),
+        extra_hosts: Sequence[str] = (),
+    ) -> Sandbox:
+        """Create a sandbox explicitly; it lives until deleted, whatever joins and leaves."""
+        validate_name("container", container_id)
+        rec = SandboxRecord(
+            id=new_id(),
+            container_id=container_id,
+            key="",
+            explicit=True,
+            hostname=_check_hostname(hostname),
+            dns=tuple(str(parse_address(d, "dns server")) for d in _str_list(dns, "dns")),
+            dns_search=tuple(_check_domain(d) for d in _str_list(dns_search, "dns_search")),
+            extra_hosts=tuple(_check_extra_host(h) for h in _str_list(extra_hosts, "extra_hosts")),
+            state="creating",
+        )
+        rec = replace(rec, key=self._namespaces.key(rec.id))
+        with self._lock:
+            with self._store.tx():
+                if self._store.sandbox_by_container(container_id) is not None:
+                    raise errors.NameInUse("sandbox for container", container_id)
+                self._store.put_sandbox(rec)
+            try:
+                self._namespaces.create(rec.id)
+            except BaseException:
+                self._store.delete_sandboxes([rec.id])
+                raise
+            rec = replace(rec, state="ready")
+            self._store.put_sandbox(rec)
+            return Sandbox(self, rec)
+
+    def join_many(self, pairs: Iterable[tuple[Endpoint, str | Sandbox]]) -> list[str]:
+        """Join endpoints to containers, creating missing sandboxes; returns sandbox keys.
+
+        All or nothing: a failure rolls back every sandbox and driver join it made.
+        """
+        pairs = list(pairs)
+        targets = [_container_of(t) for _, t in pairs]
+        with self._lock:
+            plans: list[_JoinPlan] = []
+            new_sandboxes: dict[str, SandboxRecord] = {}
+            with self._store.tx():
+                seen: set[str] = set()
+                net_of: dict[str, NetworkRecord] = {}
+                claimed: set[tuple[str, str]] = set()
+                for (ep, _), cid in zip(pairs, targets, strict=True):
+                    rec = self._endpoint_record(ep.id)
+                    if rec.id in seen:
+                        raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
+                    seen.add(rec.id)
+                    if rec.state != "ready":
+                        raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
+                    if rec.join_state:
+                        raise errors.EndpointJoined(rec.name, rec.sandbox_id or "")
+                    net = net_of.get(rec.network_id) or self._store.network_by_id(rec.network_id)
+                    assert net is not None
+                    net_of[net.id] = net
+                    sb = self._store.sandbox_by_container(cid) or new_sandboxes.get(cid)
+                    if sb is None:
+                        sid = new_id()
+                        sb = SandboxRecord(
+                            id=sid,
+                            container_id=cid,
+                            key=self._namespaces.key(sid),
+                            explicit=False,
+                            hostname=None,
+                            dns=(),
+                            dns_search=(),
+                            extra_hosts=(),
+                            state="creating",
+                        )
+                        new_sandboxes[cid] = sb
+                    elif sb.state != "ready" and cid not in new_sandboxes:
+                        raise errors.Conflict(f"sandbox of {cid!r} is {sb.state}")
+                    if (sb.id, net.id) in claimed or any(
+                        e.network_id == net.id for e in self._store.endpoints(sandbox_id=sb.id)
+                    ):
+                        raise errors.Conflict(
+                            f"container {cid!r} already has an endpoint on network {net.name!r}"
+                        )
+                    claimed.add((sb.id, net.id))
+                    plans.append(_JoinPlan(rec, net, sb))
+                self._store.put_sandboxes(list(new_sandboxes.values()))
+                self._store.put_endpoints(
+                    [
+                        replace(p.endpoint, sandbox_id=p.sandbox.id, join_state="joining")
+                        for p in plans
+                    ]
+                )
+            created: list[SandboxRecord] = []
+            joined: list[_JoinPlan] = []
+            try:
+                for sb in new_sandboxes.values():
+                    self._namespaces.create(sb.id)
+                    created.append(sb)
+                for p in plans:
+                    drv = self._driver(p.network.driver)
+                    info = drv.join(
+                        p.network.id,
+                        p.endpoint.id,
+                        SandboxInfo(p.sandbox.id, p.sandbox.key, p.sandbox.container_id),
+                    )
+                    joined.append(p)
+                    if info.src_name is not None:
+                        raise errors.Unsupported(
+                            f"driver {drv.name!r} returned interface {info.src_name!r}; moving "
+                            "interfaces into sandboxes is not part of this build yet"
+                        )
+                    if isinstance(drv, ExternalConnectivity):
+                        drv.program_external_connectivity(
+                            p.network.id, p.endpoint.id, p.endpoint.options
+                        )
+            except BaseException as exc:
+                self._rollback_join(exc, plans, joined, created, list(new_sandboxes.values()))
+                raise
+            with self._store.tx():
+                self._store.put_endpoints(
+                    [
+                        replace(p.endpoint, sandbox_id=p.sandbox.id, join_state="joined")
+                        for p in plans
+                    ]
+                )
+                self._store.put_sandboxes(
+                    [replace(sb, state="ready") for sb in new_sandboxes.values()]
+                )
+            return [p.sandbox.key for p in plans]
+
+    def _rollback_join(
+        self,
+        exc: BaseException,
+        plans: list[_JoinPlan],
+        joined: list[_JoinPlan],
+        created: list[SandboxRecord],
+        new_sandboxes: list[SandboxRecord],
+    ) -> None:
+        problems = 0
+        for p in reversed(joined):
+            drv = self._driver(p.network.driver)
+            try:
+                if isinstance(drv, ExternalConnectivity):
+                    drv.revoke_external_connectivity(p.network.id, p.endpoint.id)
+                drv.leave(p.network.id, p.endpoint.id)
+            except Exception as cleanup:
+                problems += 1
+                exc.add_note(f"rollback: leave {p.endpoint.name}: {cleanup}")
+        for sb in created:
+            try:
+                self._namespaces.delete(sb.key)
+            except Exception as cleanup:
+                problems += 1
+                exc.add_note(f"rollback: delete namespace {sb.key}: {cleanup}")
+        if problems:
+            exc.add_note("the join intents stay in the store: reconcile() finishes the rollback")
+            return
+        with self._store.tx():
+            self._store.put_endpoints([p.endpoint for p in plans])  # as before the intent
+            self._store.delete_sandboxes([sb.id for sb in new_sandboxes])
+
+    def leave_many(self, pairs: Iterable[tuple[Endpoint, str | Sandbox]]) -> None:
+        """Leave endpoints from their sandboxes; implicit sandboxes left empty are deleted.
+
+        Teardown keeps going past a failing endpoint and raises every failure at the end;
+        a failed endpoint stays "leaving" for reconcile() to finish.
+        """
+        pairs = list(pairs)
+        targets = [_container_of(t) for _, t in pairs]
+        with self._lock:
+            leaving: list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]] = []
+            with self._store.tx():
+                seen: set[str] = set()
+                for (ep, _), cid in zip(pairs, targets, strict=True):
+                    rec = self._endpoint_record(ep.id)
+                    if rec.id in seen:
+                        raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
+                    seen.add(rec.id)
+                    sb = self._store.sandbox_by_container(cid)
+                    if sb is None:
+                        raise errors.SandboxNotFound(cid)
+                    if rec.sandbox_id != sb.id or rec.join_state != "joined":
+                        raise errors.EndpointNotJoined(rec.name, cid)
+                    net = self._store.network_by_id(rec.network_id)
+                    assert net is not None
+                    leaving.append((rec, net, sb))
+                self._store.put_endpoints([replace(r, join_state="leaving") for r, _, _ in leaving])
+            failures: list[Exception] = []
+            left: list[tuple[EndpointRecord, SandboxRecord]] = []
+            for rec, net, sb in leaving:
+                drv = self._driver(net.driver)
+                try:
+                    if isinstance(drv, ExternalConnectivity):
+                        drv.revoke_external_connectivity(net.id, rec.id)
+                    drv.leave(net.id, rec.id)
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                left.append((rec, sb))
+            empty: dict[str, SandboxRecord] = {}
+            with self._store.tx():
+                self._store.put_endpoints(
+                    [replace(r, sandbox_id=None, join_state="") for r, _ in left]
+                )
+                for _, sb in left:
+                    if not sb.explicit and not self._store.endpoints(sandbox_id=sb.id):
+                        empty[sb.id] = replace(sb, state="deleting")
+                self._store.put_sandboxes(list(empty.values()))
+            self._delete_sandbox_namespaces(list(empty.values()), failures)
+            _raise_all(failures, "leave")
+
+    def _delete_sandbox_namespaces(
+        self, sandboxes: list[SandboxRecord], failures: list[Exception]
+    ) -> None:
+        gone = []
+        for sb in sandboxes:
+            try:
+                self._namespaces.delete(sb.key)
+            except Exception as exc:
+                failures.append(exc)
+                continue
+            gone.append(sb.id)
+        self._store.delete_sandboxes(gone)
+
+    def _delete_sandbox(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            rec = self._store.sandbox_by_id(sandbox.id)
+            if rec is None:
+                raise errors.SandboxNotFound(sandbox.container_id)
+            joined = [
+                r for r in self._store.endpoints(sandbox_id=rec.id) if r.join_state == "joined"
+            ]
+            if joined:
+                self.leave_many([(Endpoint(self, r), rec.container_id) for r in joined])
+            rec = self._store.sandbox_by_id(rec.id)
+            if rec is None:  # the last leave deleted an implicit sandbox
+                return
+            if self._store.endpoints(sandbox_id=rec.id):
+                raise errors.Conflict(
+                    f"sandbox of {rec.container_id!r} has endpoints mid-operation; run reconcile"
+                )
+            self._store.put_sandbox(replace(rec, state="deleting"))
+            failures: list[Exception] = []
+            self._delete_sandbox_namespaces([rec], failures)
+            _raise_all(failures, "delete sandbox")
+
+    # --- repair --------------------------------------------------------------------------
+
+    def reconcile(self) -> Any:
+        """Compare the store with the kernel, finish or undo interrupted work, and report."""
+        from .reconcile import reconcile
+
+        with self._lock:
+            return reconcile(self)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _select_fastpath(requested: str) -> str:
+    if requested not in fastpath.CHOICES:
+        raise ValueError(
+            f"fastpath must be one of {', '.join(fastpath.CHOICES)}, not {requested!r}"
+        )
+    try:
+        return fastpath.select_backend(requested)
+    except fastpath.BackendUnavailable as exc:
+        raise errors.Unavailable(str(exc)) from None
+
+
+def _ipam_configs(configs: Sequence[IPAMConfig] | None, version: int) -> list[ValidIPAMConfig]:
+    if configs is None:
+        return []
+    if isinstance(configs, IPAMConfig) or not isinstance(configs, Sequence):
+        raise errors.InvalidParameter(f"ipv{version} must be a list of IPAMConfig")
+    out = []
+    for cfg in configs:
+        if not isinstance(cfg, IPAMConfig):
+            raise errors.InvalidParameter(f"ipv{version} entries must be IPAMConfig, not {cfg!r}")
+        out.append(cfg.validated(version))
+    if len(out) > 1 and any(c.subnet is None for c in out):
+        raise errors.InvalidParameter(f"ipv{version}: several pools need explicit subnets")
+    return out
+
+
+def _check_pool_overlap(configs: Sequence[ValidIPAMConfig]) -> None:
+    subnets = [c.subnet for c in configs if c.subnet is not None]
+    for i, a in enumerate(subnets):
+        for b in subnets[i + 1 :]:
+            if a.version == b.version and a.overlaps(b):  # type: ignore[arg-type]
+                raise errors.InvalidParameter(f"subnets {a} and {b} overlap")
+
+
+def _apply_interface_reply(
+    driver: str, ep: EndpointRecord, sent: InterfaceInfo, reply: InterfaceInfo | None
+) -> EndpointRecord:
+    """Take what the driver filled in; refuse a change to a field that was already set."""
+    mac = ep.mac_address
+    if reply is not None:
+        for field_name in ("ipv4_address", "ipv6_address", "mac_address"):
+            mine, theirs = getattr(sent, field_name), getattr(reply, field_name)
+            if mine is not None and theirs is not None and str(mine) != str(theirs):
+                raise errors.DriverError(
+                    driver, f"create_endpoint changed {field_name} from {mine} to {theirs}"
+                )
+        if reply.ipv4_address is not None and sent.ipv4_address is None:
+            raise errors.DriverError(driver, "create_endpoint set an address the IPAM did not give")
+        if reply.mac_address:
+            mac = parse_mac(reply.mac_address)
+    if not mac:
+        ip = ipaddress.IPv4Interface(ep.ipv4_address).ip if ep.ipv4_address else None
+        mac = generate_mac(ip)
+    return replace(ep, mac_address=mac, state="ready")
+
+
+def _unique_records(ctl: NetworkController, endpoints: Sequence[Endpoint]) -> list[EndpointRecord]:
+    recs: dict[str, EndpointRecord] = {}
+    for ep in endpoints:
+        if not isinstance(ep, Endpoint):
+            raise errors.InvalidParameter(f"expected an Endpoint, not {ep!r}")
+        recs[ep.id] = ctl._endpoint_record(ep.id)
+    return list(recs.values())
+
+
+def _container_of(target: object) -> str:
+    if isinstance(target, Sandbox):
+        return target.container_id
+    return validate_name("container", target)
+
+
+def _raise_all(failures: list[Exception], what: str) -> None:
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise ExceptionGroup(f"{what}: {len(failures)} operations failed", failures)
+
+
+def _str_list(values: object, what: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise errors.InvalidParameter(f"{what} must be a list of strings")
+    if not all(isinstance(v, str) for v in values):
+        raise errors.InvalidParameter(f"{what} must be a list of strings")
+    return list(values)
+
+
+def _check_hostname(hostname: object) -> str | None:
+    if hostname is None:
+        return None
+    if not isinstance(hostname, str) or not _HOSTNAME_RE.match(hostname):
+        raise errors.InvalidParameter(f"invalid hostname {hostname!r}")
+    return hostname
+
+
+def _check_domain(domain: str) -> str:
+    if not _HOSTNAME_RE.match(domain):
+        raise errors.InvalidParameter(f"invalid DNS search domain {domain!r}")
+    return domain
+
+
+def _check_extra_host(entry: str) -> str:
+    host, sep, addr = entry.partition(":")
+    if not sep or not _HOSTNAME_RE.match(host):
+        raise errors.InvalidParameter(f"invalid extra host {entry!r}: expected NAME:IP")
+    parse_address(addr, f"extra host {host!r} address")
+    return entry

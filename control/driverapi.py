@@ -1,0 +1,239 @@
+"""The network driver contract (libnetwork's driverapi), kept small and typed.
+
+Owns: Capability (data and connectivity scope), the core `Driver` Protocol (create and
+delete network, create and delete endpoint, join, leave), the opt-in protocols a driver
+may also implement (operational info, external connectivity, discovery, table events),
+the typed values passed across the contract, and `DriverOptions`, the base of every
+driver's options dataclass that validates the user's `options` mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
+
+from . import errors
+from .types import EndpointRecord, IPAddress, IPInterface, NetworkRecord, PoolData, Repair
+
+Scope = Literal["local", "global", "swarm"]
+
+# Generic options libnetwork passes to every driver; drivers may read them, never reject them.
+GENERIC_OPTIONS: frozenset[str] = frozenset(
+    {
+        "com.docker.network.driver.mtu",
+        "com.docker.network.enable_ipv6",
+        "com.docker.network.internal",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """Where a driver's state lives (data scope) and how far its networks reach."""
+
+    data_scope: Scope = "local"
+    connectivity_scope: Scope = "local"
+
+    def __post_init__(self) -> None:
+        for name in ("data_scope", "connectivity_scope"):
+            if getattr(self, name) not in ("local", "global", "swarm"):
+                raise errors.InvalidParameter(f"invalid {name} {getattr(self, name)!r}")
+
+
+# --- values across the contract ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    """What a driver learns about a network at create_network."""
+
+    id: str
+    name: str
+    options: DriverOptions
+    ipv4: tuple[PoolData, ...]
+    ipv6: tuple[PoolData, ...]
+    enable_ipv6: bool = False
+    internal: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    """An endpoint's interface: addresses and MAC as allocated by the controller.
+
+    A driver's create_endpoint may return one to fill fields left unset (usually the MAC);
+    changing a field that was already set is refused.
+    """
+
+    ipv4_address: IPInterface | None = None
+    ipv6_address: IPInterface | None = None
+    mac_address: str | None = None
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    id: str
+    name: str
+    network_id: str
+    interface: InterfaceInfo
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StaticRoute:
+    destination: str  # CIDR
+    route_type: Literal[0, 1] = 0  # 0 = via next_hop, 1 = connected
+    next_hop: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """The sandbox a join targets: its id and key (the netns path)."""
+
+    id: str
+    key: str
+    container_id: str
+
+
+@dataclass(frozen=True)
+class JoinInfo:
+    """What a driver hands back from join for the sandbox layer to apply.
+
+    `src_name` is an interface the driver made on the host (or already in the sandbox),
+    to be moved in and renamed `dst_prefix` + lowest free index. None: no interface.
+    """
+
+    src_name: str | None = None
+    dst_prefix: str = "eth"
+    gateway: IPAddress | None = None
+    gateway_ipv6: IPAddress | None = None
+    static_routes: tuple[StaticRoute, ...] = ()
+    disable_gateway_service: bool = False
+
+
+# --- driver options ------------------------------------------------------------------
+
+
+def option(key: str, default: Any = None, *, doc: str = "") -> Any:
+    """Declare a dataclass field bound to the option key `key`."""
+    return field(default=default, metadata={"key": key, "doc": doc})
+
+
+def _convert(key: str, raw: str, kind: Any) -> Any:
+    if kind in (bool, "bool", "bool | None"):
+        low = raw.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise errors.InvalidParameter(f"option {key!r}: {raw!r} is not a boolean")
+    if kind in (int, "int", "int | None"):
+        try:
+            return int(raw, 10)
+        except ValueError:
+            raise errors.InvalidParameter(f"option {key!r}: {raw!r} is not an integer") from None
+    return raw
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    """Base of a driver's typed options. Subclasses declare fields with `option(key, ...)`.
+
+    `parse` accepts exactly the declared keys plus GENERIC_OPTIONS; an unknown key or a
+    malformed value raises InvalidParameter naming the key. Field-specific checks go in
+    a subclass's `check()`.
+    """
+
+    accepts_generic: ClassVar[frozenset[str]] = GENERIC_OPTIONS
+
+    @classmethod
+    def keys(cls) -> dict[str, dataclasses.Field[Any]]:
+        return {f.metadata["key"]: f for f in dataclasses.fields(cls) if "key" in f.metadata}
+
+    @classmethod
+    def parse(cls, options: Mapping[str, str] | None, *, driver: str = "") -> Self:
+        known = cls.keys()
+        values: dict[str, Any] = {}
+        for key, raw in (options or {}).items():
+            if not isinstance(key, str) or not isinstance(raw, str):
+                raise errors.InvalidParameter(f"option {key!r}: keys and values must be strings")
+            f = known.get(key)
+            if f is None:
+                if key in cls.accepts_generic:
+                    continue
+                who = f" for driver {driver!r}" if driver else ""
+                raise errors.InvalidParameter(f"unknown option {key!r}{who}")
+            values[f.name] = _convert(key, raw, f.type)
+        parsed = cls(**values)
+        parsed.check()
+        return parsed
+
+    def check(self) -> None:
+        """Cross-field validation; raise InvalidParameter naming the key."""
+
+
+# --- the contract --------------------------------------------------------------------
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """The core contract every network driver implements."""
+
+    name: str
+    capability: Capability
+    options_type: type[DriverOptions]
+
+    def create_network(self, network: NetworkInfo) -> None: ...
+
+    def delete_network(self, network_id: str) -> None:
+        """Remove the network's kernel objects; deleting an unknown network is not an error."""
+        ...
+
+    def create_endpoint(self, endpoint: EndpointInfo) -> InterfaceInfo | None: ...
+
+    def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        """Idempotent, like delete_network."""
+        ...
+
+    def join(self, network_id: str, endpoint_id: str, sandbox: SandboxInfo) -> JoinInfo: ...
+
+    def leave(self, network_id: str, endpoint_id: str) -> None: ...
+
+
+@runtime_checkable
+class EndpointOperInfo(Protocol):
+    def endpoint_oper_info(self, network_id: str, endpoint_id: str) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ExternalConnectivity(Protocol):
+    def program_external_connectivity(
+        self, network_id: str, endpoint_id: str, options: Mapping[str, Any]
+    ) -> None: ...
+
+    def revoke_external_connectivity(self, network_id: str, endpoint_id: str) -> None: ...
+
+
+@runtime_checkable
+class DiscoveryAware(Protocol):
+    def discover_new(self, discovery_type: int, data: Mapping[str, Any]) -> None: ...
+
+    def discover_delete(self, discovery_type: int, data: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class TableEventAware(Protocol):
+    def event_notify(
+        self, event: str, network_id: str, table: str, key: str, value: bytes
+    ) -> None: ...
+
+
+@runtime_checkable
+class Reconcilable(Protocol):
+    """A driver that can compare its kernel objects with the store and repair them."""
+
+    def reconcile(
+        self, networks: list[NetworkRecord], endpoints: list[EndpointRecord]
+    ) -> list[Repair]: ...

@@ -1,0 +1,62 @@
+"""The driver registry: which network driver serves which name.
+
+Built-in drivers register here at controller start; later kinds (bridge, overlay, remote
+plugins found by name) extend it through `register` and `add_resolver`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .. import errors
+from ..driverapi import Driver
+from ..types import validate_name
+
+Resolver = Callable[[str], Driver | None]
+
+
+class DriverRegistry:
+    def __init__(self) -> None:
+        self._drivers: dict[str, Driver] = {}
+        self._resolvers: list[Resolver] = []
+        self._lock = threading.Lock()
+
+    def register(self, driver: Driver) -> None:
+        if not isinstance(driver, Driver):
+            raise errors.InvalidParameter(f"{driver!r} does not implement the Driver protocol")
+        validate_name("driver", driver.name)
+        with self._lock:
+            if driver.name in self._drivers:
+                raise errors.NameInUse("driver", driver.name)
+            self._drivers[driver.name] = driver
+
+    def add_resolver(self, resolver: Resolver) -> None:
+        """A fallback that finds drivers on demand (e.g. remote plugins by name)."""
+        with self._lock:
+            self._resolvers.append(resolver)
+
+    def get(self, name: str) -> Driver:
+        with self._lock:
+            driver = self._drivers.get(name)
+            resolvers = list(self._resolvers)
+        if driver is not None:
+            return driver
+        for resolve in resolvers:
+            found = resolve(name)
+            if found is not None:
+                with self._lock:
+                    return self._drivers.setdefault(name, found)
+        raise errors.DriverNotFound(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._drivers)
+
+
+def builtin_registry() -> DriverRegistry:
+    from .null import NullDriver
+
+    registry = DriverRegistry()
+    registry.register(NullDriver())
+    return registry

@@ -1,0 +1,94 @@
+"""Default address pools and the host's routes they must not overlap.
+
+Owns Docker's default pool lists (spec/remote-protocol.md, "Default IPAM"): the local
+default (172.17-31.x.x/16 and 192.168.0.0/16 split into /20s, 31 pools), the global
+default (10.0.0.0/8 split into /24s), the `{base, size}` override form, and reading the
+host's IPv4/IPv6 routes from /proc (the calling process's network namespace).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from .. import errors
+from ..types import IPNetwork
+
+LOCAL_DEFAULT = "LocalDefault"
+GLOBAL_DEFAULT = "GlobalDefault"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A base network split into subnets of `size` bits: Docker's `{base, size}`."""
+
+    base: str
+    size: int
+
+    def subnets(self) -> Iterator[IPNetwork]:
+        net = ipaddress.ip_network(self.base)
+        if self.size < net.prefixlen or self.size > net.max_prefixlen:
+            raise errors.InvalidParameter(f"pool size /{self.size} does not fit base {self.base}")
+        return net.subnets(new_prefix=self.size)
+
+
+LOCAL_POOLS: tuple[PoolSpec, ...] = (
+    PoolSpec("172.17.0.0/16", 16),
+    PoolSpec("172.18.0.0/16", 16),
+    PoolSpec("172.19.0.0/16", 16),
+    PoolSpec("172.20.0.0/14", 16),
+    PoolSpec("172.24.0.0/14", 16),
+    PoolSpec("172.28.0.0/14", 16),
+    PoolSpec("192.168.0.0/16", 20),
+)
+GLOBAL_POOLS: tuple[PoolSpec, ...] = (PoolSpec("10.0.0.0/8", 24),)
+
+
+def default_subnets(specs: Sequence[PoolSpec]) -> Iterator[IPNetwork]:
+    for spec in specs:
+        yield from spec.subnets()
+
+
+def ula_pool(seed: str) -> PoolSpec:
+    """This host's IPv6 default: an RFC 4193 /48 (global id from `seed`) split into /64s."""
+    gid = int(seed[:10], 16)
+    prefix = (0xFD << 120) | (gid << 80)
+    return PoolSpec(f"{ipaddress.IPv6Address(prefix)}/48", 64)
+
+
+def _hex_le_ipv4(text: str) -> ipaddress.IPv4Address:
+    return ipaddress.IPv4Address(int.from_bytes(bytes.fromhex(text), "little"))
+
+
+def host_routes(proc: str = "/proc/net") -> list[IPNetwork]:
+    """Destinations of the routes in this namespace's main table, default routes excluded."""
+    routes: list[IPNetwork] = []
+    try:
+        with open(f"{proc}/route") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) < 8:
+                    continue
+                dst, mask = _hex_le_ipv4(fields[1]), _hex_le_ipv4(fields[7])
+                net = ipaddress.IPv4Network(f"{dst}/{mask}", strict=False)
+                if net.prefixlen:
+                    routes.append(net)
+    except OSError:
+        pass
+    try:
+        with open(f"{proc}/ipv6_route") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 10 or fields[9] == "lo":
+                    continue
+                plen = int(fields[1], 16)
+                if plen == 0:
+                    continue
+                net6 = ipaddress.IPv6Network((int(fields[0], 16), plen), strict=False)
+                if not net6.is_link_local and not net6.is_multicast:
+                    routes.append(net6)
+    except OSError:
+        pass
+    return routes

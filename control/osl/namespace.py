@@ -1,0 +1,76 @@
+"""Sandbox namespaces: network namespaces bind-mounted at run_dir/netns/<sandbox id>.
+
+Owns the netns directory under run_dir: creating a sandbox's namespace (loopback up),
+deleting it, telling whether a key still holds a live namespace, and listing what is
+mounted there so reconcile can find namespaces that no sandbox owns.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+from cnm.fastpath import netns
+
+from .. import errors
+
+T = TypeVar("T")
+
+
+def _kernel_error(exc: OSError, operation: str) -> errors.CNMError:
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return errors.Forbidden(
+            f"{operation}: {os.strerror(exc.errno)}; network namespaces need root "
+            "(CAP_SYS_ADMIN and CAP_NET_ADMIN)"
+        )
+    return errors.KernelError(exc.errno or 0, exc.strerror or str(exc), operation=operation)
+
+
+class NamespaceStore:
+    """The directory of sandbox keys."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.dir = os.path.join(run_dir, "netns")
+
+    def key(self, sandbox_id: str) -> str:
+        return os.path.join(self.dir, sandbox_id)
+
+    def create(self, sandbox_id: str) -> str:
+        """Create the sandbox's namespace; returns its key. Nothing is left on failure."""
+        path = self.key(sandbox_id)
+        try:
+            os.makedirs(self.dir, mode=0o755, exist_ok=True)
+            netns.create(path)
+        except OSError as exc:
+            raise _kernel_error(exc, f"create namespace {path}") from None
+        return path
+
+    def delete(self, key: str) -> None:
+        try:
+            netns.delete(key)
+        except OSError as exc:
+            raise _kernel_error(exc, f"delete namespace {key}") from None
+
+    def exists(self, key: str) -> bool:
+        return netns.is_netns(key)
+
+    def mounted(self) -> list[str]:
+        """Keys under the directory that hold a namespace (or a stale file)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return [os.path.join(self.dir, n) for n in sorted(names)]
+
+    def run_in(self, key: str, fn: Callable[[], T]) -> T:
+        """Run `fn` inside the sandbox's namespace."""
+        try:
+            return netns.run_in(key, fn)
+        except OSError as exc:
+            raise _kernel_error(exc, f"enter namespace {key}") from None
+
+    def links(self, key: str) -> list[str]:
+        """Names of the links inside a sandbox."""
+        return self.run_in(key, netns.link_names)

@@ -1,0 +1,441 @@
+"""The embedded store: one SQLite file (WAL) per state_dir.
+
+Owns the schema, its migrations, and every read and write of local state: networks,
+endpoints, sandboxes, IPAM pools and addresses. Every mutation runs inside `tx()`, a
+`BEGIN IMMEDIATE` transaction, so several processes on one state_dir are serialised by
+SQLite's write lock and never hand out the same name or address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from .. import errors
+from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from (index) to (index + 1). Never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE networks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        driver TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        ipam_driver TEXT NOT NULL,
+        data TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE endpoints (
+        id TEXT PRIMARY KEY,
+        network_id TEXT NOT NULL REFERENCES networks(id),
+        name TEXT NOT NULL,
+        ipv4 TEXT,
+        ipv6 TEXT,
+        mac TEXT NOT NULL,
+        options TEXT NOT NULL,
+        sandbox_id TEXT,
+        state TEXT NOT NULL,
+        join_state TEXT NOT NULL DEFAULT '',
+        driver_data TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (network_id, name)
+    );
+    CREATE INDEX endpoints_sandbox ON endpoints(sandbox_id);
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        container_id TEXT NOT NULL UNIQUE,
+        key TEXT NOT NULL,
+        explicit INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        state TEXT NOT NULL
+    );
+    CREATE TABLE ipam_pools (
+        pool_id TEXT PRIMARY KEY,
+        address_space TEXT NOT NULL,
+        subnet TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        net_lo BLOB NOT NULL,
+        net_hi BLOB NOT NULL,
+        range_lo BLOB NOT NULL,
+        range_hi BLOB NOT NULL,
+        cursor BLOB,
+        refcount INTEGER NOT NULL
+    );
+    CREATE TABLE ipam_addresses (
+        pool_id TEXT NOT NULL REFERENCES ipam_pools(pool_id),
+        addr BLOB NOT NULL,
+        kind TEXT NOT NULL,
+        owner TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (pool_id, addr)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _upsert(cols: str) -> str:
+    """Update in place on an id clash, so rows keep their rowid (creation order)."""
+    names = [c.strip() for c in cols.split(",") if c.strip() != "id"]
+    return "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{n}=excluded.{n}" for n in names)
+
+
+class SQLiteStore:
+    """The local-scope store. Thread-safe; every mutation goes through `tx()`."""
+
+    def __init__(self, state_dir: str, *, busy_timeout: float = 60.0) -> None:
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise errors.StoreError(f"cannot create state_dir {state_dir!r}: {exc}") from None
+        self.path = os.path.join(state_dir, "state.db")
+        self._lock = threading.RLock()
+        self._depth = 0
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise errors.StoreError(f"cannot open store {self.path!r}: {exc}") from None
+        self._migrate()
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.tx():
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise errors.StoreError(
+                    f"store {self.path} has schema version {version}; this cnm knows up to "
+                    f"{SCHEMA_VERSION}: upgrade cnm"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.meta("schema_version") or 0)
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One atomic transaction (nested calls join the outer one)."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise errors.StoreError(f"store {self.path}: {exc}") from None
+            self._depth = 1
+            try:
+                yield
+            except BaseException:
+                self._depth = 0
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise errors.StoreError(f"store {self.path}: commit failed: {exc}") from None
+
+    def execute(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._lock:
+            self._db.executemany(sql, rows)
+
+    def fetchall(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def fetchone(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def meta(self, key: str) -> str | None:
+        row = self.fetchone("SELECT value FROM meta WHERE key=?", (key,))
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.tx():
+            self.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # --- networks ----------------------------------------------------------------------
+
+    _NET_COLS = "id, name, driver, scope, ipam_driver, data, state, created"
+
+    @staticmethod
+    def _network(row: tuple[Any, ...]) -> NetworkRecord:
+        data = json.loads(row[5])
+        return NetworkRecord(
+            id=row[0],
+            name=row[1],
+            driver=row[2],
+            scope=row[3],
+            ipam_driver=row[4],
+            enable_ipv6=data["enable_ipv6"],
+            internal=data["internal"],
+            options=data["options"],
+            labels=data["labels"],
+            ipam_options=data["ipam_options"],
+            ipv4=tuple(PoolData(**p) for p in data["ipv4"]),
+            ipv6=tuple(PoolData(**p) for p in data["ipv6"]),
+            state=row[6],
+            created=row[7],
+        )
+
+    def put_network(self, rec: NetworkRecord) -> None:
+        data = {
+            "enable_ipv6": rec.enable_ipv6,
+            "internal": rec.internal,
+            "options": rec.options,
+            "labels": rec.labels,
+            "ipam_options": rec.ipam_options,
+            "ipv4": [asdict(p) for p in rec.ipv4],
+            "ipv6": [asdict(p) for p in rec.ipv6],
+        }
+        with self.tx():
+            self.execute(
+                f"INSERT INTO networks ({self._NET_COLS}) VALUES (?,?,?,?,?,?,?,?) "
+                f"{_upsert(self._NET_COLS)}",
+                (
+                    rec.id,
+                    rec.name,
+                    rec.driver,
+                    rec.scope,
+                    rec.ipam_driver,
+                    _json(data),
+                    rec.state,
+                    rec.created,
+                ),
+            )
+
+    def set_network_state(self, network_id: str, state: str) -> None:
+        with self.tx():
+            self.execute("UPDATE networks SET state=? WHERE id=?", (state, network_id))
+
+    def delete_network(self, network_id: str) -> None:
+        with self.tx():
+            self.execute("DELETE FROM networks WHERE id=?", (network_id,))
+
+    def network_by_id(self, network_id: str) -> NetworkRecord | None:
+        row = self.fetchone(f"SELECT {self._NET_COLS} FROM networks WHERE id=?", (network_id,))
+        return self._network(row) if row else None
+
+    def network_by_name(self, name: str) -> NetworkRecord | None:
+        row = self.fetchone(f"SELECT {self._NET_COLS} FROM networks WHERE name=?", (name,))
+        return self._network(row) if row else None
+
+    def networks_by_id_prefix(self, prefix: str) -> list[NetworkRecord]:
+        rows = self.fetchall(
+            f"SELECT {self._NET_COLS} FROM networks WHERE id >= ? AND id < ? ORDER BY id",
+            (prefix, prefix + "g"),
+        )
+        return [self._network(r) for r in rows]
+
+    def networks(self) -> list[NetworkRecord]:
+        rows = self.fetchall(f"SELECT {self._NET_COLS} FROM networks ORDER BY created, name")
+        return [self._network(r) for r in rows]
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    _EP_COLS = (
+        "id, name, network_id, ipv4, ipv6, mac, options, sandbox_id, state, join_state, driver_data"
+    )
+
+    @staticmethod
+    def _endpoint(row: tuple[Any, ...]) -> EndpointRecord:
+        return EndpointRecord(
+            id=row[0],
+            name=row[1],
+            network_id=row[2],
+            ipv4_address=row[3],
+            ipv6_address=row[4],
+            mac_address=row[5],
+            options=json.loads(row[6]),
+            sandbox_id=row[7],
+            state=row[8],
+            join_state=row[9],
+            driver_data=json.loads(row[10]),
+        )
+
+    @staticmethod
+    def _endpoint_row(rec: EndpointRecord) -> tuple[Any, ...]:
+        return (
+            rec.id,
+            rec.name,
+            rec.network_id,
+            rec.ipv4_address,
+            rec.ipv6_address,
+            rec.mac_address,
+            _json(rec.options),
+            rec.sandbox_id,
+            rec.state,
+            rec.join_state,
+            _json(rec.driver_data),
+        )
+
+    def put_endpoints(self, recs: list[EndpointRecord]) -> None:
+        with self.tx():
+            self.executemany(
+                f"INSERT INTO endpoints ({self._EP_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                f"{_upsert(self._EP_COLS)}",
+                [self._endpoint_row(r) for r in recs],
+            )
+
+    def put_endpoint(self, rec: EndpointRecord) -> None:
+        self.put_endpoints([rec])
+
+    def delete_endpoints(self, endpoint_ids: list[str]) -> None:
+        with self.tx():
+            self.executemany("DELETE FROM endpoints WHERE id=?", [(i,) for i in endpoint_ids])
+
+    def endpoint_by_id(self, endpoint_id: str) -> EndpointRecord | None:
+        row = self.fetchone(f"SELECT {self._EP_COLS} FROM endpoints WHERE id=?", (endpoint_id,))
+        return self._endpoint(row) if row else None
+
+    def endpoint_by_name(self, network_id: str, name: str) -> EndpointRecord | None:
+        row = self.fetchone(
+            f"SELECT {self._EP_COLS} FROM endpoints WHERE network_id=? AND name=?",
+            (network_id, name),
+        )
+        return self._endpoint(row) if row else None
+
+    def endpoints_by_id_prefix(self, network_id: str, prefix: str) -> list[EndpointRecord]:
+        rows = self.fetchall(
+            f"SELECT {self._EP_COLS} FROM endpoints WHERE network_id=? AND id >= ? AND id < ?",
+            (network_id, prefix, prefix + "g"),
+        )
+        return [self._endpoint(r) for r in rows]
+
+    def endpoints(
+        self, network_id: str | None = None, *, sandbox_id: str | None = None
+    ) -> list[EndpointRecord]:
+        if sandbox_id is not None:
+            rows = self.fetchall(
+                f"SELECT {self._EP_COLS} FROM endpoints WHERE sandbox_id=? ORDER BY rowid",
+                (sandbox_id,),
+            )
+        elif network_id is not None:
+            rows = self.fetchall(
+                f"SELECT {self._EP_COLS} FROM endpoints WHERE network_id=? ORDER BY rowid",
+                (network_id,),
+            )
+        else:
+            rows = self.fetchall(f"SELECT {self._EP_COLS} FROM endpoints ORDER BY rowid")
+        return [self._endpoint(r) for r in rows]
+
+    def endpoint_names(self, network_id: str) -> list[str]:
+        rows = self.fetchall(
+            "SELECT name FROM endpoints WHERE network_id=? ORDER BY rowid", (network_id,)
+        )
+        return [r[0] for r in rows]
+
+    def count_endpoints(self, network_id: str | None = None) -> int:
+        if network_id is None:
+            row = self.fetchone("SELECT count(*) FROM endpoints")
+        else:
+            row = self.fetchone("SELECT count(*) FROM endpoints WHERE network_id=?", (network_id,))
+        assert row is not None
+        return int(row[0])
+
+    # --- sandboxes ---------------------------------------------------------------------
+
+    _SB_COLS = "id, container_id, key, explicit, data, state"
+
+    @staticmethod
+    def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
+        data = json.loads(row[4])
+        return SandboxRecord(
+            id=row[0],
+            container_id=row[1],
+            key=row[2],
+            explicit=bool(row[3]),
+            hostname=data["hostname"],
+            dns=tuple(data["dns"]),
+            dns_search=tuple(data["dns_search"]),
+            extra_hosts=tuple(data["extra_hosts"]),
+            state=row[5],
+        )
+
+    def put_sandboxes(self, recs: list[SandboxRecord]) -> None:
+        rows = []
+        for rec in recs:
+            data = {
+                "hostname": rec.hostname,
+                "dns": list(rec.dns),
+                "dns_search": list(rec.dns_search),
+                "extra_hosts": list(rec.extra_hosts),
+            }
+            rows.append(
+                (rec.id, rec.container_id, rec.key, int(rec.explicit), _json(data), rec.state)
+            )
+        with self.tx():
+            self.executemany(
+                f"INSERT INTO sandboxes ({self._SB_COLS}) VALUES (?,?,?,?,?,?) "
+                f"{_upsert(self._SB_COLS)}",
+                rows,
+            )
+
+    def put_sandbox(self, rec: SandboxRecord) -> None:
+        self.put_sandboxes([rec])
+
+    def delete_sandboxes(self, sandbox_ids: list[str]) -> None:
+        with self.tx():
+            self.executemany("DELETE FROM sandboxes WHERE id=?", [(i,) for i in sandbox_ids])
+
+    def sandbox_by_id(self, sandbox_id: str) -> SandboxRecord | None:
+        row = self.fetchone(f"SELECT {self._SB_COLS} FROM sandboxes WHERE id=?", (sandbox_id,))
+        return self._sandbox(row) if row else None
+
+    def sandbox_by_container(self, container_id: str) -> SandboxRecord | None:
+        row = self.fetchone(
+            f"SELECT {self._SB_COLS} FROM sandboxes WHERE container_id=?", (container_id,)
+        )
+        return self._sandbox(row) if row else None
+
+    def sandboxes_by_id_prefix(self, prefix: str) -> list[SandboxRecord]:
+        rows = self.fetchall(
+            f"SELECT {self._SB_COLS} FROM sandboxes WHERE id >= ? AND id < ?",
+            (prefix, prefix + "g"),
+        )
+        return [self._sandbox(r) for r in rows]
+
+    def sandboxes(self) -> list[SandboxRecord]:
+        rows = self.fetchall(f"SELECT {self._SB_COLS} FROM sandboxes ORDER BY rowid")
+        return [self._sandbox(r) for r in rows]

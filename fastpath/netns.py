@@ -1,0 +1,263 @@
+"""Network namespaces without processes: create, enter, delete.
+
+Owns the libc calls that Python 3.11 lacks (setns, unshare, mount, umount2), bound with
+cffi in ABI mode, and one long-lived worker thread that does all namespace switching.
+Network namespaces are per thread in Linux, so the worker can unshare into a fresh
+namespace, bind-mount it at a path (the sandbox key), and setns back home, while the
+rest of the process never moves. No `ip`, no fork, no subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import cffi
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+NS_GET_NSTYPE = 0xB703
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+_ffi = cffi.FFI()
+_ffi.cdef(
+    """
+    int setns(int fd, int nstype);
+    int unshare(int flags);
+    int mount(const char *source, const char *target, const char *filesystemtype,
+              unsigned long mountflags, const void *data);
+    int umount2(const char *target, int flags);
+    """
+)
+_libc = _ffi.dlopen(None)
+
+T = TypeVar("T")
+
+
+def _check(rc: int, what: str, path: str | None = None) -> None:
+    if rc != 0:
+        err = _ffi.errno
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+
+
+def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace behind `fd`."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def unshare(flags: int) -> None:
+    """Give the calling thread (process, for CLONE_NEWNS) new namespaces."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def mount(
+    source: str, target: str, fstype: str | None, flags: int, data: str | None = None
+) -> None:
+    src = source.encode()
+    tgt = target.encode()
+    fs = fstype.encode() if fstype else _ffi.NULL
+    dat = data.encode() if data else _ffi.NULL
+    _check(_libc.mount(src, tgt, fs, flags, dat), "mount", target)
+
+
+def umount(target: str, flags: int = MNT_DETACH) -> None:
+    _check(_libc.umount2(target.encode(), flags), "umount", target)
+
+
+def is_netns(path: str) -> bool:
+    """True when `path` is a bind-mounted (or /proc) network namespace handle."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _set_link_up(name: str) -> None:
+    """Set IFF_UP on a link of the calling thread's namespace (used for loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", name.encode(), 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+        if not flags & _IFF_UP:
+            fcntl.ioctl(
+                s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | _IFF_UP)
+            )
+
+
+class NamespaceWorker:
+    """One thread that runs work inside other network namespaces and always comes home.
+
+    If the thread ever fails to return to its home namespace it stops accepting work, so
+    nothing is silently done in the wrong namespace.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._home_fd = -1
+        self._broken: BaseException | None = None
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="cnm-netns", daemon=True
+        )
+        self._thread.start()
+        ready.result()
+
+    def _run(self, ready: Future[None]) -> None:
+        try:
+            self._home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            fn, fut = job
+            if self._broken is not None:
+                fut.set_exception(RuntimeError(f"namespace worker is broken: {self._broken}"))
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+        os.close(self._home_fd)
+
+    def _go_home(self) -> None:
+        try:
+            setns(self._home_fd)
+        except OSError as exc:
+            self._broken = exc
+            raise
+
+    def submit(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result()
+
+    def create(self, path: str) -> None:
+        """Create a new network namespace bind-mounted at `path`, loopback up.
+
+        `path` must not exist. On any failure nothing is left behind.
+        """
+
+        def job() -> None:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            os.close(fd)
+            mounted = False
+            try:
+                unshare(CLONE_NEWNET)
+                try:
+                    mount("/proc/thread-self/ns/net", path, None, MS_BIND)
+                    mounted = True
+                    _set_link_up("lo")
+                finally:
+                    self._go_home()
+            except BaseException:
+                if mounted:
+                    with contextlib.suppress(OSError):
+                        umount(path)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
+
+        self.submit(job)
+
+    def run_in(self, path: str, fn: Callable[[], T]) -> T:
+        """Run `fn` in the worker thread while it is inside the namespace at `path`."""
+
+        def job() -> T:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                setns(fd)
+            finally:
+                os.close(fd)
+            try:
+                return fn()
+            finally:
+                self._go_home()
+
+        return self.submit(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+_worker: NamespaceWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def worker() -> NamespaceWorker:
+    """The process's namespace worker, started on first use."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = NamespaceWorker()
+        return _worker
+
+
+def create(path: str) -> None:
+    """Create a network namespace bind-mounted at `path` with loopback up."""
+    worker().create(path)
+
+
+def delete(path: str) -> None:
+    """Unmount and remove the namespace handle at `path`; missing is not an error.
+
+    The kernel frees the namespace (and every device in it, in one batch) once nothing
+    holds it any more.
+    """
+    try:
+        umount(path)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def run_in(path: str, fn: Callable[[], T]) -> T:
+    """Run `fn` inside the network namespace at `path` (in the worker thread)."""
+    return worker().run_in(path, fn)
+
+
+def link_names() -> list[str]:
+    """Names of the links in the calling thread's namespace."""
+    return [name for _, name in socket.if_nameindex()]
+
+
+def link_is_up(name: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH22x", name.encode(), 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
+    return bool(flags & _IFF_UP)
