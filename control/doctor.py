@@ -1,0 +1,103 @@
+"""`cnm doctor`: what this host supports, each line a fact that was checked just now.
+
+Privileges, network namespace creation (a real probe namespace made and removed), the
+fast-path backend, the store, and what the optional eBPF data path would find.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cnm import fastpath
+from cnm.ebpf.probe import EbpfProbe, probe
+from cnm.fastpath import netns
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+@dataclass
+class DoctorReport:
+    kernel: str
+    euid: int
+    cap_net_admin: bool
+    cap_sys_admin: bool
+    netns: str  # "ok" or the reason it failed
+    fastpath_native_built: bool
+    fastpath_backend: str
+    store: str
+    ebpf: EbpfProbe
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        yes = {True: "yes", False: "no"}
+        e = self.ebpf
+        rows = [
+            ("kernel", self.kernel),
+            ("running as", f"uid {self.euid}"),
+            ("CAP_NET_ADMIN", yes[self.cap_net_admin]),
+            ("CAP_SYS_ADMIN", yes[self.cap_sys_admin]),
+            ("network namespaces", self.netns),
+            ("native fast path", "built" if self.fastpath_native_built else "not built"),
+            ("fast path in use", self.fastpath_backend),
+            ("store", self.store),
+            ("libbpf", e.libbpf or "not found"),
+            ("kernel BTF", yes[e.btf]),
+            ("bpffs at /sys/fs/bpf", "mounted" if e.bpffs_mounted else "not mounted"),
+            ("eBPF data path", "not part of this build"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _probe_netns() -> str:
+    try:
+        with tempfile.TemporaryDirectory(prefix="cnm-doctor-") as d:
+            path = os.path.join(d, "probe")
+            netns.create(path)
+            try:
+                links = netns.run_in(path, netns.link_names)
+            finally:
+                netns.delete(path)
+        return "ok" if links == ["lo"] else f"unexpected links {links}"
+    except OSError as exc:
+        return f"cannot create: {exc.strerror or exc}"
+
+
+def doctor(state_dir: str, run_dir: str, requested_fastpath: str) -> DoctorReport:
+    caps = _caps()
+    notes = []
+    try:
+        backend = fastpath.select_backend(requested_fastpath)
+    except fastpath.BackendUnavailable as exc:
+        backend = "unavailable"
+        notes.append(str(exc))
+    db = os.path.join(state_dir, "state.db")
+    store = f"{db} (exists)" if os.path.exists(db) else f"{db} (not created yet)"
+    return DoctorReport(
+        kernel=os.uname().release,
+        euid=os.geteuid(),
+        cap_net_admin=bool(caps >> CAP_NET_ADMIN & 1),
+        cap_sys_admin=bool(caps >> CAP_SYS_ADMIN & 1),
+        netns=_probe_netns(),
+        fastpath_native_built=fastpath.native_available(),
+        fastpath_backend=backend,
+        store=store,
+        ebpf=probe(),
+        notes=notes,
+    )
