@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up everything cnm needs on a Debian 12 host (as root), then run one job:
+#   bash scripts/run.sh demo [--containers N]   the main job: `cnm demo` on the embedded store
+#   bash scripts/run.sh test [PYTEST ARGS]      ruff, then the whole test suite (+ benchmark smoke)
+#   bash scripts/run.sh setup                   only the set-up
+# Safe to run again: each step checks before it installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${CNM_VENV:-$ROOT/.venv}
+
+if [ "$(id -u)" != 0 ]; then
+  echo "run.sh: run as root (cnm makes network namespaces and kernel devices)" >&2
+  exit 1
+fi
+
+apt_packages=(python3 python3-venv python3-dev gcc iproute2 util-linux iputils-ping)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "run.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's own Python 3.11 (the one a fresh machine has), in a venv of the project's.
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=$(command -v python3)
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+stamp=$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.cnm-installed" 2>/dev/null)" != "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" 
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  echo "$stamp" > "$VENV/.cnm-installed"
+fi
+
+job=${1:-setup}
+shift || true
+case "$job" in
+  setup)
+    echo "run.sh: ready: $VENV/bin/cnm"
+    ;;
+  demo)
+    exec "$VENV/bin/cnm" demo "$@"
+    ;;
+  test)
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    # pytest exits 5 when nothing was collected: that is a failure here too.
+    exec "$VENV/bin/python" -m pytest tests benchmarks --benchmark-disable -p no:cacheprovider "$@"
+    ;;
+  *)
+    echo "usage: bash scripts/run.sh demo|test|setup [args]" >&2
+    exit 2
+    ;;
+esac
