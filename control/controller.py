@@ -54,6 +54,7 @@ from .types import (
     EndpointRecord,
     IPAddress,
     IPAMConfig,
+    IPInterface,
     NetworkRecord,
     PoolData,
     SandboxRecord,
@@ -461,6 +462,7 @@ class NetworkController:
                 if any(v6 for _, _, v6, _, _ in parsed) and not rec.enable_ipv6:
                     raise errors.InvalidParameter(f"network {rec.name!r} has no IPv6 pool")
                 records = []
+                ifaces = []
                 for name, v4, v6, mac, options in parsed:
                     if self._store.endpoint_by_name(rec.id, name) is not None:
                         raise errors.NameInUse("endpoint", name)
@@ -472,8 +474,8 @@ class NetworkController:
                             id=ep_id,
                             name=name,
                             network_id=rec.id,
-                            ipv4_address=a4,
-                            ipv6_address=a6,
+                            ipv4_address=str(a4) if a4 else None,
+                            ipv6_address=str(a6) if a6 else None,
                             mac_address=mac or "",
                             options=options,
                             sandbox_id=None,
@@ -482,20 +484,12 @@ class NetworkController:
                             driver_data={},
                         )
                     )
+                    ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
                 self._store.put_endpoints(records)
             drv = self._driver(rec.driver)
             done: list[EndpointRecord] = []
             try:
-                for ep in records:
-                    iface = InterfaceInfo(
-                        ipv4_address=ipaddress.IPv4Interface(ep.ipv4_address)
-                        if ep.ipv4_address
-                        else None,
-                        ipv6_address=ipaddress.IPv6Interface(ep.ipv6_address)
-                        if ep.ipv6_address
-                        else None,
-                        mac_address=ep.mac_address or None,
-                    )
+                for ep, iface in zip(records, ifaces, strict=True):
                     reply = drv.create_endpoint(
                         EndpointInfo(
                             id=ep.id,
@@ -522,7 +516,7 @@ class NetworkController:
 
     def _allocate(
         self, net: NetworkRecord, pools: Sequence[PoolData], want: IPAddress | None, owner: str
-    ) -> str | None:
+    ) -> IPInterface | None:
         if not pools:
             if want is not None:
                 raise errors.InvalidParameter(f"network {net.name!r} has no address pool")
@@ -531,14 +525,14 @@ class NetworkController:
         if want is not None:
             for pool in pools:
                 if want in ipaddress.ip_network(pool.subnet):
-                    return str(ipam.request_address(pool.pool_id, want, owner=owner))
+                    return ipam.request_address(pool.pool_id, want, owner=owner)
             raise errors.InvalidParameter(
                 f"address {want} is outside the pools of network {net.name!r}"
             )
         last: errors.PoolExhausted | None = None
         for pool in pools:
             try:
-                return str(ipam.request_address(pool.pool_id, None, owner=owner))
+                return ipam.request_address(pool.pool_id, None, owner=owner)
             except errors.PoolExhausted as exc:
                 last = exc
         assert last is not None
@@ -917,8 +911,8 @@ def _apply_interface_reply(
         if reply.mac_address:
             mac = parse_mac(reply.mac_address)
     if not mac:
-        ip = ipaddress.IPv4Interface(ep.ipv4_address).ip if ep.ipv4_address else None
-        mac = generate_mac(ip)
+        ip = sent.ipv4_address.ip if sent.ipv4_address is not None else None
+        mac = generate_mac(ip)  # type: ignore[arg-type]
     return replace(ep, mac_address=mac, state="ready")
 
 

@@ -10,6 +10,7 @@ address is not reused at once (stale ARP caches elsewhere would otherwise bite).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 
@@ -49,6 +50,11 @@ def _host_range(net: IPNetwork) -> tuple[int, int]:
     lo = int(net.network_address) + 1
     hi = int(net.broadcast_address) - (1 if net.version == 4 else 0)
     return lo, hi
+
+
+@functools.lru_cache(maxsize=1024)
+def _subnet(text: str) -> IPNetwork:
+    return ipaddress.ip_network(text)
 
 
 def _make_ip(version: int, value: int) -> IPAddress:
@@ -164,7 +170,7 @@ class DefaultIpam:
         )
         if row is None:
             raise errors.NotFound(f"IPAM pool {pool_id!r} not found")
-        net = ipaddress.ip_network(row[0])
+        net = _subnet(row[0])
         return net, _int(row[1]), _int(row[2]), (_int(row[3]) if row[3] is not None else None)
 
     def pools(self) -> list[str]:
@@ -253,9 +259,8 @@ class DefaultIpam:
                     (pool_id, blob, kind, owner),
                 )
                 rows.append((pool_id, blob, kind, owner))
-                out.append(
-                    ipaddress.ip_interface(f"{_make_ip(net.version, value)}/{net.prefixlen}")
-                )
+                iface = ipaddress.IPv4Interface if net.version == 4 else ipaddress.IPv6Interface
+                out.append(iface((value, net.prefixlen)))
             if cursor is not None:
                 self._store.execute(
                     "UPDATE ipam_pools SET cursor=? WHERE pool_id=?", (_blob(cursor), pool_id)

@@ -1,0 +1,43 @@
+"""Helpers shared by the benchmark suites: same-run references and ratios."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def best_of(
+    fn: Callable[[], object], rounds: int = 3, setup: Callable[[], object] | None = None
+) -> float:
+    """The fastest of `rounds` timed runs of fn (setup untimed): a same-run reference."""
+    best = float("inf")
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def record_ratio(benchmark: object, name: str, ours: float, reference: float) -> float:
+    ratio = ours / reference if reference > 0 else float("inf")
+    extra = benchmark.extra_info  # type: ignore[attr-defined]
+    extra[f"{name}_s"] = round(ours, 6)
+    extra[f"{name}_reference_s"] = round(reference, 6)
+    extra[f"{name}_ratio"] = round(ratio, 3)
+    print(
+        f"\n{name}: {ours * 1000:.1f} ms, reference {reference * 1000:.1f} ms, ratio {ratio:.2f}x"
+    )
+    return ratio
+
+
+def timed(fn: Callable[..., object], sink: list[float]) -> Callable[..., None]:
+    """fn wrapped to append its own duration to `sink` (works with --benchmark-disable)."""
+
+    def run(*args: object, **kwargs: object) -> None:
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        sink.append(time.perf_counter() - t0)
+
+    return run
