@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import re
 import threading
 import time
@@ -59,6 +60,8 @@ from .types import (
     PoolData,
     SandboxRecord,
     ValidIPAMConfig,
+    as_list,
+    as_pairs,
     generate_mac,
     is_id_prefix,
     new_id,
@@ -93,7 +96,7 @@ class NetworkController:
         self,
         state_dir: str = "/var/lib/cnm",
         run_dir: str = "/run/cnm",
-        fastpath: str = "auto",
+        fastpath: str | None = None,
         store: str | None = None,
         plugin_dirs: Sequence[str] | None = None,
         ebpf: str = "auto",
@@ -557,7 +560,7 @@ class NetworkController:
 
     def delete_endpoints(self, endpoints: Iterable[Endpoint], force: bool = False) -> None:
         """Delete many endpoints; refused while any is joined, unless force."""
-        self._delete_endpoints(list(endpoints), force=force)
+        self._delete_endpoints(as_list(endpoints, "endpoints"), force=force)
 
     def _delete_endpoints(self, endpoints: Sequence[Endpoint], *, force: bool) -> None:
         with self._lock:
@@ -640,8 +643,9 @@ class NetworkController:
 
         All or nothing: a failure rolls back every sandbox and driver join it made.
         """
-        pairs = list(pairs)
+        pairs = as_pairs(pairs, "join_many")
         targets = [_container_of(t) for _, t in pairs]
+        _check_endpoints([ep for ep, _ in pairs])
         with self._lock:
             plans: list[_JoinPlan] = []
             new_sandboxes: dict[str, SandboxRecord] = {}
@@ -768,8 +772,9 @@ class NetworkController:
         Teardown keeps going past a failing endpoint and raises every failure at the end;
         a failed endpoint stays "leaving" for reconcile() to finish.
         """
-        pairs = list(pairs)
+        pairs = as_pairs(pairs, "leave_many")
         targets = [_container_of(t) for _, t in pairs]
+        _check_endpoints([ep for ep, _ in pairs])
         with self._lock:
             leaving: list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]] = []
             with self._store.tx():
@@ -860,7 +865,10 @@ class NetworkController:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _select_fastpath(requested: str) -> str:
+def _select_fastpath(requested: str | None) -> str:
+    """The backend for a request; None means $CNM_FASTPATH, else "auto"."""
+    if requested is None:
+        requested = os.environ.get("CNM_FASTPATH") or "auto"
     if requested not in fastpath.CHOICES:
         raise ValueError(
             f"fastpath must be one of {', '.join(fastpath.CHOICES)}, not {requested!r}"
@@ -917,12 +925,17 @@ def _apply_interface_reply(
 
 
 def _unique_records(ctl: NetworkController, endpoints: Sequence[Endpoint]) -> list[EndpointRecord]:
+    _check_endpoints(endpoints)
     recs: dict[str, EndpointRecord] = {}
+    for ep in endpoints:
+        recs[ep.id] = ctl._endpoint_record(ep.id)
+    return list(recs.values())
+
+
+def _check_endpoints(endpoints: Sequence[object]) -> None:
     for ep in endpoints:
         if not isinstance(ep, Endpoint):
             raise errors.InvalidParameter(f"expected an Endpoint, not {ep!r}")
-        recs[ep.id] = ctl._endpoint_record(ep.id)
-    return list(recs.values())
 
 
 def _container_of(target: object) -> str:

@@ -10,6 +10,7 @@ driver's options dataclass that validates the user's `options` mapping.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
@@ -121,15 +122,22 @@ def option(key: str, default: Any = None, *, doc: str = "") -> Any:
     return field(default=default, metadata={"key": key, "doc": doc})
 
 
+def _base_type(kind: Any) -> Any:
+    """`int | None` / `Optional[int]` -> int; anything else unchanged."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if len(args) == 1 else kind
+
+
 def _convert(key: str, raw: str, kind: Any) -> Any:
-    if kind in (bool, "bool", "bool | None"):
+    kind = _base_type(kind)
+    if kind is bool:
         low = raw.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
         raise errors.InvalidParameter(f"option {key!r}: {raw!r} is not a boolean")
-    if kind in (int, "int", "int | None"):
+    if kind is int:
         try:
             return int(raw, 10)
         except ValueError:
@@ -155,6 +163,7 @@ class DriverOptions:
     @classmethod
     def parse(cls, options: Mapping[str, str] | None, *, driver: str = "") -> Self:
         known = cls.keys()
+        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, raw in (options or {}).items():
             if not isinstance(key, str) or not isinstance(raw, str):
@@ -165,7 +174,7 @@ class DriverOptions:
                     continue
                 who = f" for driver {driver!r}" if driver else ""
                 raise errors.InvalidParameter(f"unknown option {key!r}{who}")
-            values[f.name] = _convert(key, raw, f.type)
+            values[f.name] = _convert(key, raw, hints[f.name])
         parsed = cls(**values)
         parsed.check()
         return parsed

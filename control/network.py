@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .types import NetworkRecord
+from .types import NetworkRecord, as_list
 
 if TYPE_CHECKING:
     from .controller import NetworkController
@@ -93,7 +93,8 @@ class Network:
 
     def create_endpoints(self, names: Iterable[str]) -> list[Endpoint]:
         """Create many endpoints in one store transaction; all of them, or none."""
-        return self._ctl._create_endpoints(self, [(n, None, None, None, None) for n in names])
+        specs = [(n, None, None, None, None) for n in as_list(names, "endpoint names")]
+        return self._ctl._create_endpoints(self, specs)
 
     def endpoint(self, ref: str) -> Endpoint:
         return self._ctl._endpoint(self, ref)

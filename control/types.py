@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from . import errors
 
@@ -234,3 +234,21 @@ class Repair:
     kind: str  # e.g. "orphan_namespace_removed"
     object: str  # the id, name or path it is about
     detail: str = ""
+
+
+def as_list(value: object, what: str) -> list[Any]:
+    """A list from a batch argument: any iterable but a string, bytes or mapping."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise errors.InvalidParameter(f"{what} must be a list, not {type(value).__name__}")
+    return list(value)
+
+
+def as_pairs(value: object, what: str) -> list[tuple[Any, Any]]:
+    """A list of 2-tuples, e.g. (endpoint, container) pairs for join_many/leave_many."""
+    items = as_list(value, what)
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise errors.InvalidParameter(
+                f"{what} must hold (endpoint, container) pairs, not {item!r}"
+            )
+    return [tuple(i) for i in items]  # type: ignore[misc]

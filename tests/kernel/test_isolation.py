@@ -15,7 +15,9 @@ pytestmark = pytest.mark.privileged
 def test_devices_and_sandboxes_stay_off_the_host(isolated_host, ctl) -> None:
     assert isolated_host is not None
     # A device made by a test exists in the session's namespace...
-    subprocess.run(["ip", "link", "add", "cnmtest0", "type", "veth", "peer", "name", "cnmtest1"], check=True)
+    subprocess.run(
+        ["ip", "link", "add", "cnmtest0", "type", "veth", "peer", "name", "cnmtest1"], check=True
+    )
     try:
         assert "cnmtest0" in netns.link_names()
         net = ctl.create_network("iso", driver="null")

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cnm.fastpath import netns
 
 pytestmark = pytest.mark.privileged
@@ -61,8 +61,7 @@ def ns_addrs(path: str | os.PathLike[str]) -> dict[str, set[str]]:
         text=True,
     ).stdout
     return {
-        link["ifname"]: {a["local"] for a in link.get("addr_info", [])}
-        for link in json.loads(out)
+        link["ifname"]: {a["local"] for a in link.get("addr_info", [])} for link in json.loads(out)
     }
 
 
@@ -274,8 +273,9 @@ def test_run_in_comes_home_after_the_work_raises(tmp_path, home) -> None:
     with pytest.raises(FileNotFoundError):
         netns.run_in(str(tmp_path / "missing"), os.getpid)
     assert set(thread_namespaces().values()) == {home}
-    assert netns.run_in(str(path), lambda: os.readlink("/proc/thread-self/ns/net")) == (
-        nsfs_mounts(tmp_path)[str(path)]
+    assert (
+        netns.run_in(str(path), lambda: os.readlink("/proc/thread-self/ns/net"))
+        == (nsfs_mounts(tmp_path)[str(path)])
     )
 
 
@@ -357,3 +357,68 @@ def test_create_delete_and_run_in_spawn_no_process(tmp_path, monkeypatch) -> Non
     finally:
         _watch.pop()
     assert seen == ["subprocess.Popen"]
+
+
+def _here() -> str:
+    return os.readlink("/proc/thread-self/ns/net")
+
+
+@pytest.mark.parametrize("nested", ["run_in", "create"])
+def test_a_nested_call_returns_to_the_outer_namespace(tmp_path, home, nested) -> None:
+    """Work handed to run_in may itself call run_in or create (it then runs on the worker
+    thread directly). When that inner call returns, the rest of the outer work must still
+    run in the outer namespace, not in the worker's home (the host's, in production)."""
+    outer, inner = str(tmp_path / "outer"), str(tmp_path / "inner")
+    netns.create(outer)
+    if nested == "run_in":
+        netns.create(inner)
+    ident = nsfs_mounts(tmp_path)[outer]
+
+    def work() -> tuple[str, str]:
+        before = _here()
+        if nested == "run_in":
+            assert netns.run_in(inner, _here) == nsfs_mounts(tmp_path)[inner]
+        else:
+            netns.create(inner)
+        return before, _here()
+
+    before, after = netns.run_in(outer, work)
+    assert set(thread_namespaces().values()) == {home}
+    assert before == ident
+    assert after == ident, f"after the nested {nested} the work ran at home ({after})"
+    assert_fresh_loopback_only(inner)
+
+
+def test_delete_of_a_symlink_removes_the_link_and_never_unmounts_its_target(tmp_path) -> None:
+    """delete() runs as root on whatever sits in the netns directory (reconcile removes
+    everything there that no sandbox owns), so it must not follow a symlink and detach
+    the mount at the other end: umount2 needs UMOUNT_NOFOLLOW."""
+    target = tmp_path / "someone-elses"
+    netns.create(str(target))
+    held = nsfs_mounts(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    netns.delete(str(link))
+    assert not os.path.lexists(link)
+    assert nsfs_mounts(tmp_path) == held, "delete followed the symlink and unmounted its target"
+    assert_fresh_loopback_only(target)
+
+
+def test_a_forked_child_can_still_use_namespaces(tmp_path) -> None:
+    """After fork() the child has no worker thread (only the forking thread survives);
+    the helpers must start a new one there instead of queueing work that never runs."""
+    netns.create(str(tmp_path / "parent"))  # the parent's worker is running now
+    path = str(tmp_path / "child")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(3)
+            netns.create(path)
+            code = 0 if netns.run_in(path, netns.link_names) == ["lo"] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), "the child hung: its namespace work never ran"
+    assert os.WEXITSTATUS(status) == 0
+    assert_fresh_loopback_only(path)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from cnm.control import NetworkController, errors
 from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver
@@ -206,6 +205,32 @@ def test_an_explicit_sandbox_outlives_its_endpoints_until_deleted(ctl, run_dir) 
     assert netns_dir(run_dir) == []
     assert ctl.sandboxes() == []
     assert {e.name for n in ctl.networks() for e in n.endpoints()} == {"e1", "e2"}
+
+
+def test_deleting_an_implicit_sandbox_leaves_its_endpoints(ctl, run_dir) -> None:
+    e1 = ctl.create_network("n1", driver="null").create_endpoint("e1")
+    e2 = ctl.create_network("n2", driver="null").create_endpoint("e2")
+    key = e1.join("c1")
+    e2.join("c1")
+    ctl.sandbox("c1").delete()
+    assert e1.sandbox is None and e2.sandbox is None
+    assert not os.path.lexists(key)
+    assert nsfs_mounts(run_dir) == {}
+    assert ctl.sandboxes() == []
+
+
+def test_joining_a_deleted_sandbox_is_refused(ctl, run_dir) -> None:
+    """A Sandbox handle names one sandbox: once it is deleted, joining it must fail, not
+    quietly make a different, implicit sandbox for the same container (which drops the
+    hostname and DNS settings the caller made the sandbox with)."""
+    sb = ctl.create_sandbox("c2", hostname="web1", dns=["192.0.2.53"])
+    sb.delete()
+    ep = ctl.create_network("n1", driver="null").create_endpoint("e1")
+    with pytest.raises(errors.SandboxNotFound):
+        ep.join(sb)
+    assert ep.sandbox is None
+    assert ctl.sandboxes() == []
+    assert netns_dir(run_dir) == []
 
 
 def test_endpoint_delete_is_refused_while_joined_unless_forced(ctl, run_dir) -> None:
@@ -449,4 +474,3 @@ def test_cnm_demo_leaves_nothing_behind(dirs) -> None:
         assert ctl.store.endpoints() == []
         assert ctl.store.fetchall("SELECT * FROM ipam_pools") == []
         assert ctl.store.fetchall("SELECT * FROM ipam_addresses") == []
-

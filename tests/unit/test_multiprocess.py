@@ -62,11 +62,23 @@ def _static_worker(state_dir: str, run_dir: str, idx: int, barrier: Any, address
         return (ep.id, str(ep.ipv4_address))
 
 
-def _open_worker(state_dir: str, run_dir: str, idx: int, barrier: Any) -> Any:
-    barrier.wait(TIMEOUT)
-    with NetworkController(state_dir=state_dir, run_dir=run_dir) as ctl:
+def _first_open(state_dir: str, idx: int) -> str:
+    """Open a brand-new state_dir and take a default IPv6 pool; returns its subnet."""
+    with NetworkController(state_dir=state_dir, run_dir=state_dir + "-run") as ctl:
         net = ctl.create_network(f"first-{idx}", driver="null", enable_ipv6=True)
         return net.record.ipv6[0].subnet
+
+
+def _round_worker(idx: int, barrier: Any, tasks: Any, results: Any) -> None:
+    """A long-lived worker: one fresh state_dir per round, opened at the barrier."""
+    while (state_dir := tasks.get()) is not None:
+        barrier.wait(TIMEOUT)
+        try:
+            results.put((state_dir, idx, "ok", _first_open(state_dir, idx)))
+        except errors.CNMError as exc:
+            results.put((state_dir, idx, "error", (type(exc).__name__, str(exc))))
+        except BaseException as exc:
+            results.put((state_dir, idx, "crash", f"{type(exc).__name__}: {exc}"))
 
 
 def _run(results: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -208,19 +220,80 @@ def test_racing_for_one_static_address_has_exactly_one_winner(shared: tuple[str,
         assert sorted(k for _, k, _ in allocated) == ["endpoint", "gateway"]
 
 
-def test_first_open_by_several_processes_agrees_on_the_store(dirs: tuple[str, str]) -> None:
-    """Nobody pre-creates the store: the processes race to create and migrate it."""
-    out = _race(_open_worker, dirs)
-    errs = {i: v for i, (s, v) in out.items() if s != "ok"}
-    assert not errs, errs
-    with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as ctl:
-        assert ctl.store.schema_version > 0
-        assert sorted(n.name for n in ctl.networks()) == [f"first-{i}" for i in range(NPROC)]
-        seed = ctl.store.meta("ula_seed")
-    # Every process must have taken its IPv6 pool from the one persisted ULA /48.
-    assert seed is not None
-    ula = ipaddress.ip_network(ula_pool(seed).base)
-    subnets = {ipaddress.ip_network(v) for _, v in out.values()}
-    assert len(subnets) == NPROC
-    outside = [str(s) for s in subnets if not s.subnet_of(ula)]  # type: ignore[arg-type]
-    assert not outside, f"IPv6 pools outside the persisted ULA prefix {ula}: {outside}"
+ROUNDS = 40
+
+
+@pytest.fixture(scope="module")
+def first_opens(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
+    """ROUNDS times: NPROC processes open one brand-new state_dir at the same instant.
+
+    Nobody pre-creates the store, so they race to create the file, switch it to WAL,
+    migrate it and seed the IPAM. {state_dir: [(index, status, value), ...]}
+    """
+    base = tmp_path_factory.mktemp("first-open")
+    barrier = _ctx.Barrier(NPROC)
+    results = _ctx.Queue()
+    tasks = [_ctx.Queue() for _ in range(NPROC)]
+    procs = [
+        _ctx.Process(target=_round_worker, args=(i, barrier, tasks[i], results))
+        for i in range(NPROC)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[str, list[tuple]] = {}
+    try:
+        for r in range(ROUNDS):
+            state_dir = str(base / f"round{r}")
+            for q in tasks:
+                q.put(state_dir)
+            for _ in range(NPROC):
+                got_dir, idx, status, value = results.get(timeout=TIMEOUT)
+                out.setdefault(got_dir, []).append((idx, status, value))
+    except queue.Empty:
+        pytest.fail(f"workers did not finish a round in {TIMEOUT}s")
+    finally:
+        for q in tasks:
+            q.put(None)
+        for p in procs:
+            p.join(TIMEOUT)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    crashes = [v for rows in out.values() for _, s, v in rows if s == "crash"]
+    assert not crashes, crashes
+    return out
+
+
+def test_concurrent_first_open_never_fails(first_opens: dict[str, list[tuple]]) -> None:
+    """Opening a store that another process is creating must wait, not fail."""
+    failed = [v for rows in first_opens.values() for _, s, v in rows if s != "ok"]
+    total = ROUNDS * NPROC
+    assert not failed, f"{len(failed)} of {total} concurrent opens failed, e.g. {failed[0]}"
+    for state_dir in first_opens:
+        with NetworkController(state_dir=state_dir, run_dir=state_dir + "-run") as ctl:
+            assert ctl.store.schema_version > 0
+            assert ctl.store.fetchone("PRAGMA journal_mode") == ("wal",)
+            names = sorted(n.name for n in ctl.networks())
+            ok = sorted(f"first-{i}" for i, s, _ in first_opens[state_dir] if s == "ok")
+            assert names == ok
+
+
+def test_concurrent_first_open_agrees_on_the_ula_prefix(
+    first_opens: dict[str, list[tuple]],
+) -> None:
+    """Every process takes its IPv6 default pools from the one persisted ULA /48."""
+    stray = []
+    for state_dir, rows in first_opens.items():
+        with NetworkController(state_dir=state_dir, run_dir=state_dir + "-run") as ctl:
+            seed = ctl.store.meta("ula_seed")
+        if seed is None:  # every opener failed (the other test reports that)
+            continue
+        ula = ipaddress.ip_network(ula_pool(seed).base)
+        subnets = [ipaddress.ip_network(v) for _, s, v in rows if s == "ok"]
+        assert len(set(subnets)) == len(subnets)
+        stray += [
+            f"{state_dir}: {sn} not in {ula}"
+            for sn in subnets
+            if not sn.subnet_of(ula)  # type: ignore[arg-type]
+        ]
+    assert not stray, f"{len(stray)} IPv6 pools outside the persisted ULA prefix: {stray[:3]}"

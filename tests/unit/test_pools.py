@@ -123,9 +123,7 @@ def _v4_line(iface: str, dst: str, gw: str, mask: str, flags: str = "0001") -> s
 def _v6_line(dst: str, plen: int, iface: str) -> str:
     hexdst = ipaddress.IPv6Address(dst).packed.hex()
     zero = "0" * 32
-    return (
-        f"{hexdst} {plen:02x} {zero} 00 {zero} 00000100 00000001 00000000 00000001 {iface:>8}\n"
-    )
+    return f"{hexdst} {plen:02x} {zero} 00 {zero} 00000100 00000001 00000000 00000001 {iface:>8}\n"
 
 
 def _write_proc(tmp_path: Path) -> Path:
@@ -170,7 +168,9 @@ def test_host_routes_tolerates_missing_files(tmp_path: Path) -> None:
     assert host_routes(proc=str(tmp_path / "nowhere")) == []
     only_v4 = tmp_path / "only_v4"
     only_v4.mkdir()
-    (only_v4 / "route").write_text(_ROUTE_HEADER + _v4_line("e", "10.9.0.0", "0.0.0.0", "255.255.0.0"))
+    (only_v4 / "route").write_text(
+        _ROUTE_HEADER + _v4_line("e", "10.9.0.0", "0.0.0.0", "255.255.0.0")
+    )
     assert host_routes(proc=str(only_v4)) == [net("10.9.0.0/16")]
 
 
@@ -190,7 +190,10 @@ def test_requests_without_pool_walk_the_local_defaults_in_order(tmp_path: Path) 
     ipam = _ipam(tmp_path)
     got = [ipam.request_pool(_local()) for _ in range(31)]
     assert [r.pool for r in got] == _expected_local_defaults()
-    assert [r.pool_id for r in got[:2]] == ["LocalDefault/172.17.0.0/16", "LocalDefault/172.18.0.0/16"]
+    assert [r.pool_id for r in got[:2]] == [
+        "LocalDefault/172.17.0.0/16",
+        "LocalDefault/172.18.0.0/16",
+    ]
     assert got[-1].pool_id == "LocalDefault/192.168.240.0/20"
     with pytest.raises(errors.NoFreePool):
         ipam.request_pool(_local())

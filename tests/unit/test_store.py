@@ -262,9 +262,7 @@ def test_newer_schema_is_refused(dirs: tuple[str, str]) -> None:
     SQLiteStore(dirs[0]).close()
     db = _raw(dirs[0])
     with db:
-        db.execute(
-            "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),)
-        )
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
     db.close()
     with pytest.raises(errors.StoreError, match="schema version"):
         SQLiteStore(dirs[0])
@@ -284,7 +282,9 @@ def test_older_schema_is_migrated_forward(
 ) -> None:
     with _open(dirs) as ctl:
         ctl.create_network("keep", driver="null", ipv4=[IPAMConfig(subnet="10.26.0.0/24")])
-    extra = "CREATE TABLE future_things (id TEXT PRIMARY KEY); CREATE INDEX f_i ON future_things(id)"
+    extra = (
+        "CREATE TABLE future_things (id TEXT PRIMARY KEY); CREATE INDEX f_i ON future_things(id)"
+    )
     monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     monkeypatch.setattr(sqlite_mod, "MIGRATIONS", [*sqlite_mod.MIGRATIONS, extra])
     store = SQLiteStore(dirs[0])
