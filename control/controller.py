@@ -653,11 +653,12 @@ class NetworkController:
                 seen: set[str] = set()
                 net_of: dict[str, NetworkRecord] = {}
                 claimed: set[tuple[str, str]] = set()
-                for (ep, _), cid in zip(pairs, targets, strict=True):
+                for (ep, target), cid in zip(pairs, targets, strict=True):
                     rec = self._endpoint_record(ep.id)
                     if rec.id in seen:
                         raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
                     seen.add(rec.id)
+                    self._check_sandbox_handle(target)
                     if rec.state != "ready":
                         raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
                     if rec.join_state:
@@ -735,6 +736,11 @@ class NetworkController:
                 )
             return [p.sandbox.key for p in plans]
 
+    def _check_sandbox_handle(self, target: object) -> None:
+        """A Sandbox handle must still name a live sandbox, not just a container id."""
+        if isinstance(target, Sandbox) and self._store.sandbox_by_id(target.id) is None:
+            raise errors.SandboxNotFound(target.container_id)
+
     def _rollback_join(
         self,
         exc: BaseException,
@@ -779,11 +785,12 @@ class NetworkController:
             leaving: list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]] = []
             with self._store.tx():
                 seen: set[str] = set()
-                for (ep, _), cid in zip(pairs, targets, strict=True):
+                for (ep, target), cid in zip(pairs, targets, strict=True):
                     rec = self._endpoint_record(ep.id)
                     if rec.id in seen:
                         raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
                     seen.add(rec.id)
+                    self._check_sandbox_handle(target)
                     sb = self._store.sandbox_by_container(cid)
                     if sb is None:
                         raise errors.SandboxNotFound(cid)

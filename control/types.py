@@ -197,6 +197,9 @@ class NetworkRecord:
     ipv6: tuple[PoolData, ...]
     state: State
     created: float
+    # The store instance that last wrote it (see SQLiteStore.owner_alive): bookkeeping,
+    # not part of the object's value.
+    owner: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,7 @@ class EndpointRecord:
     state: State
     join_state: Literal["", "joining", "joined", "leaving"]
     driver_data: dict[str, object]
+    owner: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,7 @@ class SandboxRecord:
     dns_search: tuple[str, ...]
     extra_hosts: tuple[str, ...]
     state: State
+    owner: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
 NS_GET_NSTYPE = 0xB703
 
 _SIOCGIFFLAGS = 0x8913
@@ -80,7 +81,7 @@ def mount(
     _check(_libc.mount(src, tgt, fs, flags, dat), "mount", target)
 
 
-def umount(target: str, flags: int = MNT_DETACH) -> None:
+def umount(target: str, flags: int = MNT_DETACH | UMOUNT_NOFOLLOW) -> None:
     _check(_libc.umount2(target.encode(), flags), "umount", target)
 
 
@@ -121,6 +122,7 @@ class NamespaceWorker:
             queue.SimpleQueue()
         )
         self._home_fd = -1
+        self._depth = 0
         self._broken: BaseException | None = None
         ready: Future[None] = Future()
         self._thread = threading.Thread(
@@ -150,12 +152,32 @@ class NamespaceWorker:
                 fut.set_exception(exc)
         os.close(self._home_fd)
 
-    def _go_home(self) -> None:
+    @contextlib.contextmanager
+    def _away(self) -> Iterator[None]:
+        """Switch namespaces inside; afterwards come back to where the thread was.
+
+        That is home for a top-level job, or the outer job's namespace for a nested one
+        (work run inside a namespace may itself call run_in or create).
+        """
+        nested = self._depth > 0
+        back = (
+            os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            if nested
+            else (self._home_fd)
+        )
+        self._depth += 1
         try:
-            setns(self._home_fd)
-        except OSError as exc:
-            self._broken = exc
-            raise
+            yield
+        finally:
+            self._depth -= 1
+            try:
+                setns(back)
+            except OSError as exc:
+                self._broken = exc
+                raise
+            finally:
+                if nested:
+                    os.close(back)
 
     def submit(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._thread:
@@ -175,13 +197,11 @@ class NamespaceWorker:
             os.close(fd)
             mounted = False
             try:
-                unshare(CLONE_NEWNET)
-                try:
+                with self._away():
+                    unshare(CLONE_NEWNET)
                     mount("/proc/thread-self/ns/net", path, None, MS_BIND)
                     mounted = True
                     _set_link_up("lo")
-                finally:
-                    self._go_home()
             except BaseException:
                 if mounted:
                     with contextlib.suppress(OSError):
@@ -198,13 +218,14 @@ class NamespaceWorker:
         def job() -> T:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                setns(fd)
+                with self._away():
+                    setns(fd)
+                    os.close(fd)
+                    fd = -1
+                    return fn()
             finally:
-                os.close(fd)
-            try:
-                return fn()
-            finally:
-                self._go_home()
+                if fd >= 0:
+                    os.close(fd)
 
         return self.submit(job)
 
@@ -215,6 +236,16 @@ class NamespaceWorker:
 
 _worker: NamespaceWorker | None = None
 _worker_lock = threading.Lock()
+
+
+def _forget_worker_after_fork() -> None:
+    # A forked child has the worker object but not its thread: start afresh on demand.
+    global _worker, _worker_lock
+    _worker = None
+    _worker_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 
 def worker() -> NamespaceWorker:

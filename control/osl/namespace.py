@@ -37,11 +37,14 @@ class NamespaceStore:
     def key(self, sandbox_id: str) -> str:
         return os.path.join(self.dir, sandbox_id)
 
-    def create(self, sandbox_id: str) -> str:
-        """Create the sandbox's namespace; returns its key. Nothing is left on failure."""
-        path = self.key(sandbox_id)
+    def create(self, sandbox_id: str, key: str | None = None) -> str:
+        """Create the sandbox's namespace (at `key`, default its place under run_dir).
+
+        Returns the key. Nothing is left on failure.
+        """
+        path = key or self.key(sandbox_id)
         try:
-            os.makedirs(self.dir, mode=0o755, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             netns.create(path)
         except OSError as exc:
             raise _kernel_error(exc, f"create namespace {path}") from None

@@ -8,6 +8,8 @@ SQLite's write lock and never hand out the same name or address.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -18,7 +20,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .. import errors
-from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord
+from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord, new_id
 
 SCHEMA_VERSION = 1
 
@@ -33,7 +35,8 @@ MIGRATIONS: list[str] = [
         ipam_driver TEXT NOT NULL,
         data TEXT NOT NULL,
         state TEXT NOT NULL,
-        created REAL NOT NULL
+        created REAL NOT NULL,
+        owner TEXT NOT NULL DEFAULT ''
     );
     CREATE TABLE endpoints (
         id TEXT PRIMARY KEY,
@@ -47,6 +50,7 @@ MIGRATIONS: list[str] = [
         state TEXT NOT NULL,
         join_state TEXT NOT NULL DEFAULT '',
         driver_data TEXT NOT NULL DEFAULT '{}',
+        owner TEXT NOT NULL DEFAULT '',
         UNIQUE (network_id, name)
     );
     CREATE INDEX endpoints_sandbox ON endpoints(sandbox_id);
@@ -56,7 +60,8 @@ MIGRATIONS: list[str] = [
         key TEXT NOT NULL,
         explicit INTEGER NOT NULL,
         data TEXT NOT NULL,
-        state TEXT NOT NULL
+        state TEXT NOT NULL,
+        owner TEXT NOT NULL DEFAULT ''
     );
     CREATE TABLE ipam_pools (
         pool_id TEXT PRIMARY KEY,
@@ -100,6 +105,8 @@ class SQLiteStore:
         except OSError as exc:
             raise errors.StoreError(f"cannot create state_dir {state_dir!r}: {exc}") from None
         self.path = os.path.join(state_dir, "state.db")
+        self._owners_dir = os.path.join(state_dir, "owners")
+        self.owner, self._owner_fd = self._claim_owner()
         self._lock = threading.RLock()
         self._depth = 0
         try:
@@ -112,6 +119,46 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise errors.StoreError(f"cannot open store {self.path!r}: {exc}") from None
         self._migrate()
+
+    # --- owners: which live store instance wrote an intent --------------------------------
+
+    def _claim_owner(self) -> tuple[str, int]:
+        """A token for this instance, alive while we hold the flock on its file."""
+        token = new_id()[:16]
+        try:
+            os.makedirs(self._owners_dir, mode=0o700, exist_ok=True)
+            fd = os.open(
+                os.path.join(self._owners_dir, token), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise errors.StoreError(f"cannot register in {self._owners_dir!r}: {exc}") from None
+        return token, fd
+
+    def owner_alive(self, token: str) -> bool:
+        """True while the store instance that wrote `token` is open (in any process)."""
+        if token == self.owner:
+            return True
+        if not token:
+            return False
+        try:
+            fd = os.open(os.path.join(self._owners_dir, token), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def forget_dead_owners(self) -> None:
+        """Remove the token files of instances that are gone (after their intents are repaired)."""
+        for token in os.listdir(self._owners_dir):
+            if not self.owner_alive(token):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._owners_dir, token))
 
     # --- plumbing ----------------------------------------------------------------------
 
@@ -186,6 +233,11 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._owner_fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._owners_dir, self.owner))
+                os.close(self._owner_fd)
+                self._owner_fd = -1
 
     def meta(self, key: str) -> str | None:
         row = self.fetchone("SELECT value FROM meta WHERE key=?", (key,))
@@ -197,7 +249,7 @@ class SQLiteStore:
 
     # --- networks ----------------------------------------------------------------------
 
-    _NET_COLS = "id, name, driver, scope, ipam_driver, data, state, created"
+    _NET_COLS = "id, name, driver, scope, ipam_driver, data, state, created, owner"
 
     @staticmethod
     def _network(row: tuple[Any, ...]) -> NetworkRecord:
@@ -217,6 +269,7 @@ class SQLiteStore:
             ipv6=tuple(PoolData(**p) for p in data["ipv6"]),
             state=row[6],
             created=row[7],
+            owner=row[8],
         )
 
     def put_network(self, rec: NetworkRecord) -> None:
@@ -231,7 +284,7 @@ class SQLiteStore:
         }
         with self.tx():
             self.execute(
-                f"INSERT INTO networks ({self._NET_COLS}) VALUES (?,?,?,?,?,?,?,?) "
+                f"INSERT INTO networks ({self._NET_COLS}) VALUES (?,?,?,?,?,?,?,?,?) "
                 f"{_upsert(self._NET_COLS)}",
                 (
                     rec.id,
@@ -242,12 +295,15 @@ class SQLiteStore:
                     _json(data),
                     rec.state,
                     rec.created,
+                    self.owner,
                 ),
             )
 
     def set_network_state(self, network_id: str, state: str) -> None:
         with self.tx():
-            self.execute("UPDATE networks SET state=? WHERE id=?", (state, network_id))
+            self.execute(
+                "UPDATE networks SET state=?, owner=? WHERE id=?", (state, self.owner, network_id)
+            )
 
     def delete_network(self, network_id: str) -> None:
         with self.tx():
@@ -275,7 +331,8 @@ class SQLiteStore:
     # --- endpoints ---------------------------------------------------------------------
 
     _EP_COLS = (
-        "id, name, network_id, ipv4, ipv6, mac, options, sandbox_id, state, join_state, driver_data"
+        "id, name, network_id, ipv4, ipv6, mac, options, sandbox_id, state, join_state,"
+        " driver_data, owner"
     )
 
     @staticmethod
@@ -292,10 +349,10 @@ class SQLiteStore:
             state=row[8],
             join_state=row[9],
             driver_data=json.loads(row[10]),
+            owner=row[11],
         )
 
-    @staticmethod
-    def _endpoint_row(rec: EndpointRecord) -> tuple[Any, ...]:
+    def _endpoint_row(self, rec: EndpointRecord) -> tuple[Any, ...]:
         return (
             rec.id,
             rec.name,
@@ -308,12 +365,13 @@ class SQLiteStore:
             rec.state,
             rec.join_state,
             _json(rec.driver_data),
+            self.owner,
         )
 
     def put_endpoints(self, recs: list[EndpointRecord]) -> None:
         with self.tx():
             self.executemany(
-                f"INSERT INTO endpoints ({self._EP_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO endpoints ({self._EP_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) "
                 f"{_upsert(self._EP_COLS)}",
                 [self._endpoint_row(r) for r in recs],
             )
@@ -376,7 +434,7 @@ class SQLiteStore:
 
     # --- sandboxes ---------------------------------------------------------------------
 
-    _SB_COLS = "id, container_id, key, explicit, data, state"
+    _SB_COLS = "id, container_id, key, explicit, data, state, owner"
 
     @staticmethod
     def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
@@ -391,6 +449,7 @@ class SQLiteStore:
             dns_search=tuple(data["dns_search"]),
             extra_hosts=tuple(data["extra_hosts"]),
             state=row[5],
+            owner=row[6],
         )
 
     def put_sandboxes(self, recs: list[SandboxRecord]) -> None:
@@ -403,11 +462,19 @@ class SQLiteStore:
                 "extra_hosts": list(rec.extra_hosts),
             }
             rows.append(
-                (rec.id, rec.container_id, rec.key, int(rec.explicit), _json(data), rec.state)
+                (
+                    rec.id,
+                    rec.container_id,
+                    rec.key,
+                    int(rec.explicit),
+                    _json(data),
+                    rec.state,
+                    self.owner,
+                )
             )
         with self.tx():
             self.executemany(
-                f"INSERT INTO sandboxes ({self._SB_COLS}) VALUES (?,?,?,?,?,?) "
+                f"INSERT INTO sandboxes ({self._SB_COLS}) VALUES (?,?,?,?,?,?,?) "
                 f"{_upsert(self._SB_COLS)}",
                 rows,
             )

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from cnm.fastpath import netns
 
 pytestmark = pytest.mark.privileged
@@ -73,6 +74,11 @@ def ns_identity(path: str | os.PathLike[str]) -> str:
         capture_output=True,
         text=True,
     ).stdout.strip()
+
+
+def _here() -> str:
+    """The calling thread's network namespace."""
+    return os.readlink("/proc/thread-self/ns/net")
 
 
 def thread_namespaces() -> dict[int, str]:
@@ -164,10 +170,7 @@ def test_create_leaves_nothing_when_a_step_fails(tmp_path, home, monkeypatch, st
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EIO, f"injected {step} failure")
 
-    if step == "_set_link_up":
-        monkeypatch.setattr(netns, "_set_link_up", fail)
-    else:
-        monkeypatch.setattr(netns, "mount", fail)
+    monkeypatch.setattr(netns, step, fail)
     path = tmp_path / "ns"
     with pytest.raises(OSError, match="injected"):
         netns.create(str(path))
@@ -203,8 +206,9 @@ def test_delete_removes_a_stale_plain_file(tmp_path) -> None:
     assert not os.path.lexists(path)
 
 
-def test_delete_frees_the_namespace_once_unheld(tmp_path) -> None:
-    """A holder keeps the namespace alive after delete; its devices stay with it."""
+def test_delete_removes_the_handle_while_an_open_holder_keeps_the_namespace(tmp_path) -> None:
+    """delete() drops cnm's handle only: a process still holding the namespace open
+    (a container, say) keeps it, and it is the same namespace."""
     path = tmp_path / "ns"
     netns.create(str(path))
     ident = nsfs_mounts(tmp_path)[str(path)]
@@ -244,14 +248,14 @@ def test_run_in_runs_inside_and_everyone_stays_home(tmp_path, home) -> None:
     path = tmp_path / "ns"
     netns.create(str(path))
     ident = nsfs_mounts(tmp_path)[str(path)]
-    caller_before = os.readlink("/proc/thread-self/ns/net")
+    caller_before = _here()
 
-    inside = netns.run_in(str(path), lambda: os.readlink("/proc/thread-self/ns/net"))
+    inside = netns.run_in(str(path), _here)
     assert inside == ident != home
     assert netns.run_in(str(path), netns.link_names) == ["lo"]
     assert netns.run_in(str(path), lambda: netns.link_is_up("lo")) is True
 
-    assert os.readlink("/proc/thread-self/ns/net") == caller_before == home
+    assert _here() == caller_before == home
     assert set(thread_namespaces().values()) == {home}  # the worker came home too
 
 
@@ -273,10 +277,7 @@ def test_run_in_comes_home_after_the_work_raises(tmp_path, home) -> None:
     with pytest.raises(FileNotFoundError):
         netns.run_in(str(tmp_path / "missing"), os.getpid)
     assert set(thread_namespaces().values()) == {home}
-    assert (
-        netns.run_in(str(path), lambda: os.readlink("/proc/thread-self/ns/net"))
-        == (nsfs_mounts(tmp_path)[str(path)])
-    )
+    assert netns.run_in(str(path), _here) == nsfs_mounts(tmp_path)[str(path)]
 
 
 def test_run_in_from_many_threads_lands_in_the_right_namespace(tmp_path, home) -> None:
@@ -289,11 +290,11 @@ def test_run_in_from_many_threads_lands_in_the_right_namespace(tmp_path, home) -
     def work(n: int) -> None:
         for i in range(15):
             p = paths[(n + i) % len(paths)]
-            got = netns.run_in(p, lambda: os.readlink("/proc/thread-self/ns/net"))
+            got = netns.run_in(p, _here)
             if got != idents[p]:
                 wrong.append((p, got))
-            if os.readlink("/proc/thread-self/ns/net") != home:
-                wrong.append(("caller moved", os.readlink("/proc/thread-self/ns/net")))
+            if (now := _here()) != home:
+                wrong.append(("caller moved", now))
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
     for t in threads:
@@ -357,10 +358,6 @@ def test_create_delete_and_run_in_spawn_no_process(tmp_path, monkeypatch) -> Non
     finally:
         _watch.pop()
     assert seen == ["subprocess.Popen"]
-
-
-def _here() -> str:
-    return os.readlink("/proc/thread-self/ns/net")
 
 
 @pytest.mark.parametrize("nested", ["run_in", "create"])

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from cnm.control import NetworkController, errors
 from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver

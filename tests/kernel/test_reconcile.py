@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from cnm.control import NetworkController
 from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver

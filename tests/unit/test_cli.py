@@ -119,6 +119,36 @@ def test_network_create_plain_output_is_the_id(cnm: Run) -> None:
     assert pool["subnet"] and pool["gateway"]
 
 
+def test_ipv6_network_and_endpoint(cnm: Run) -> None:
+    no_flag = cnm("network", "create", "-d", "null", "--subnet", "fd00:49::/64", "v6")
+    user_error(no_flag, "--ipv6")
+    net = js(
+        cnm(
+            "--json",
+            "network",
+            "create",
+            "-d",
+            "null",
+            "--ipv6",
+            "--subnet",
+            "fd00:49::/64",
+            "--subnet",
+            "10.49.0.0/24",
+            "--gateway",
+            "fd00:49::fe",
+            "v6",
+        )
+    )
+    assert net["enable_ipv6"] is True
+    assert [(p["subnet"], p["gateway"]) for p in net["ipv6"]] == [
+        ("fd00:49::/64", "fd00:49::fe/64")
+    ]
+    assert [p["subnet"] for p in net["ipv4"]] == ["10.49.0.0/24"]
+    ep = js(cnm("--json", "endpoint", "create", "--ip6", "fd00:49::9", "v6", "e1"))
+    assert ep["ipv6_address"] == "fd00:49::9/64"
+    assert ep["ipv4_address"] == "10.49.0.2/24"
+
+
 def test_network_ls_and_rm(cnm: Run) -> None:
     assert js(cnm("--json", "network", "ls")) == []
     a = js(cnm("--json", "network", "create", "-d", "null", "--subnet", "10.41.0.0/24", "a"))
@@ -318,6 +348,11 @@ def test_user_errors_exit_1_with_one_line(cnm: Run, tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
     user_error(cnm("network", "ls", state_dir=str(afile / "sub")))
+    # So is a store file that is not a database.
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "state.db").write_bytes(b"this is not an SQLite file" * 100)
+    user_error(cnm("network", "ls", state_dir=str(corrupt)), "not a database")
 
 
 @pytest.mark.parametrize(
