@@ -120,7 +120,9 @@ class DefaultIpam:
         if req.pool is not None and req.pool.version != (6 if req.v6 else 4):
             raise errors.InvalidParameter(f"pool {req.pool} does not match V6={req.v6}")
         if req.sub_pool is not None and (
-            req.pool is None or not req.sub_pool.subnet_of(req.pool)  # type: ignore[arg-type]
+            req.pool is None
+            or req.sub_pool.version != req.pool.version
+            or not req.sub_pool.subnet_of(req.pool)  # type: ignore[arg-type]
         ):
             raise errors.InvalidParameter(f"sub-pool {req.sub_pool} is not inside pool {req.pool}")
         with self._store.tx():
@@ -275,6 +277,8 @@ class DefaultIpam:
         with self._store.tx():
             net = self._pool(pool_id)[0]
             for address in addresses:
+                if address.version != net.version or address not in net:
+                    raise errors.AddressNotFound(str(address), str(net))
                 cur = self._store.execute(
                     "DELETE FROM ipam_addresses WHERE pool_id=? AND addr=?",
                     (pool_id, _blob(int(address))),

@@ -27,7 +27,10 @@ class PoolSpec:
     size: int
 
     def subnets(self) -> Iterator[IPNetwork]:
-        net = ipaddress.ip_network(self.base)
+        try:
+            net = ipaddress.ip_network(self.base)
+        except ValueError as exc:
+            raise errors.InvalidParameter(f"invalid pool base {self.base!r}: {exc}") from None
         if self.size < net.prefixlen or self.size > net.max_prefixlen:
             raise errors.InvalidParameter(f"pool size /{self.size} does not fit base {self.base}")
         return net.subnets(new_prefix=self.size)

@@ -57,8 +57,10 @@ def _open(state_dir: str) -> tuple[SQLiteStore, DefaultIpam]:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> tuple[SQLiteStore, DefaultIpam]:
-    return _open(str(tmp_path / "state"))
+def env(tmp_path: Path) -> Iterator[tuple[SQLiteStore, DefaultIpam]]:
+    store, ipam = _open(str(tmp_path / "state"))
+    yield store, ipam
+    store.close()
 
 
 def _pool(ipam: DefaultIpam, subnet: str, ip_range: str | None = None) -> str:
@@ -257,8 +259,9 @@ def test_cursor_survives_a_restart(tmp_path: Path) -> None:
     assert _take(ipam, pid, 3) == ["fd00::1", "fd00::2", "fd00::3"]
     ipam.release_address(pid, ip("fd00::2"))
     store.close()
-    _, again = _open(state)
+    store, again = _open(state)
     assert _take(again, pid, 1) == ["fd00::4"]
+    store.close()
 
 
 def test_serial_scan_crosses_long_allocated_runs(env) -> None:

@@ -9,7 +9,7 @@ validation of pool requests (spec/remote-protocol.md, "Default IPAM").
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,8 +44,21 @@ def _no_routes() -> list[IPNetwork]:
     return []
 
 
+_OPEN: list[SQLiteStore] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_stores() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _ipam(tmp_path: Path, routes: Callable[[], list[IPNetwork]] = _no_routes, **kw) -> DefaultIpam:
-    return DefaultIpam(SQLiteStore(str(tmp_path / "state")), routes=routes, **kw)
+    """A DefaultIpam on a fresh store (closed after the test) with injected routes."""
+    store = SQLiteStore(str(tmp_path / "state"))
+    _OPEN.append(store)
+    return DefaultIpam(store, routes=routes, **kw)
 
 
 def _local(pool: str | None = None, sub: str | None = None, v6: bool = False) -> PoolRequest:
