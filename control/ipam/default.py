@@ -78,10 +78,11 @@ class DefaultIpam:
         self._local_pools = tuple(local_pools)
         self._global_pools = tuple(global_pools)
         self._routes = routes
-        seed = store.meta("ula_seed")
-        if seed is None:
-            seed = new_id()
-            store.set_meta("ula_seed", seed)
+        with store.tx():  # one seed per store, whichever process opens it first
+            seed = store.meta("ula_seed")
+            if seed is None:
+                seed = new_id()
+                store.set_meta("ula_seed", seed)
         self._ula = ula_pool(seed)
 
     def default_address_spaces(self) -> tuple[str, str]:

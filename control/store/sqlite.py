@@ -22,7 +22,7 @@ from typing import Any
 from .. import errors
 from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord, new_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from (index) to (index + 1). Never edit a released one.
 MIGRATIONS: list[str] = [
@@ -35,8 +35,7 @@ MIGRATIONS: list[str] = [
         ipam_driver TEXT NOT NULL,
         data TEXT NOT NULL,
         state TEXT NOT NULL,
-        created REAL NOT NULL,
-        owner TEXT NOT NULL DEFAULT ''
+        created REAL NOT NULL
     );
     CREATE TABLE endpoints (
         id TEXT PRIMARY KEY,
@@ -50,7 +49,6 @@ MIGRATIONS: list[str] = [
         state TEXT NOT NULL,
         join_state TEXT NOT NULL DEFAULT '',
         driver_data TEXT NOT NULL DEFAULT '{}',
-        owner TEXT NOT NULL DEFAULT '',
         UNIQUE (network_id, name)
     );
     CREATE INDEX endpoints_sandbox ON endpoints(sandbox_id);
@@ -60,8 +58,7 @@ MIGRATIONS: list[str] = [
         key TEXT NOT NULL,
         explicit INTEGER NOT NULL,
         data TEXT NOT NULL,
-        state TEXT NOT NULL,
-        owner TEXT NOT NULL DEFAULT ''
+        state TEXT NOT NULL
     );
     CREATE TABLE ipam_pools (
         pool_id TEXT PRIMARY KEY,
@@ -83,11 +80,28 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (pool_id, addr)
     ) WITHOUT ROWID;
     """,
+    # 2: which store instance wrote each record, so reconcile can tell a crashed
+    # controller's intents from a live one's.
+    """
+    ALTER TABLE networks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE endpoints ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sandboxes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+@contextlib.contextmanager
+def _flocked(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _upsert(cols: str) -> str:
@@ -106,19 +120,31 @@ class SQLiteStore:
             raise errors.StoreError(f"cannot create state_dir {state_dir!r}: {exc}") from None
         self.path = os.path.join(state_dir, "state.db")
         self._owners_dir = os.path.join(state_dir, "owners")
-        self.owner, self._owner_fd = self._claim_owner()
         self._lock = threading.RLock()
         self._depth = 0
+        self.owner, self._owner_fd = self._claim_owner()
         try:
-            self._db = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
+            # Opening is serialised across processes: switching a new file to WAL does not
+            # wait on SQLite's busy timeout, and first-open set-up must happen once.
+            with _flocked(os.path.join(state_dir, "open.lock")):
+                self._db = sqlite3.connect(
+                    self.path,
+                    timeout=busy_timeout,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()
+                if not mode or str(mode[0]).lower() != "wal":
+                    raise errors.StoreError(f"store {self.path!r} cannot use WAL mode: {mode}")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            self._release_owner()
             raise errors.StoreError(f"cannot open store {self.path!r}: {exc}") from None
-        self._migrate()
+        except BaseException:
+            self._release_owner()
+            raise
 
     # --- owners: which live store instance wrote an intent --------------------------------
 
@@ -233,11 +259,14 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-            if self._owner_fd >= 0:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self._owners_dir, self.owner))
-                os.close(self._owner_fd)
-                self._owner_fd = -1
+            self._release_owner()
+
+    def _release_owner(self) -> None:
+        if self._owner_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._owners_dir, self.owner))
+            os.close(self._owner_fd)
+            self._owner_fd = -1
 
     def meta(self, key: str) -> str | None:
         row = self.fetchone("SELECT value FROM meta WHERE key=?", (key,))

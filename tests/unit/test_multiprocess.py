@@ -54,6 +54,12 @@ def _network_worker(state_dir: str, run_dir: str, idx: int, barrier: Any, name: 
         return (net.id, [str(s) for s in net.subnets])
 
 
+def _named_network_worker(
+    state_dir: str, run_dir: str, idx: int, barrier: Any, names: list[str]
+) -> Any:
+    return _network_worker(state_dir, run_dir, idx, barrier, names[idx])
+
+
 def _static_worker(state_dir: str, run_dir: str, idx: int, barrier: Any, address: str) -> Any:
     with NetworkController(state_dir=state_dir, run_dir=run_dir) as ctl:
         net = ctl.network("shared")
@@ -193,20 +199,13 @@ def test_racing_for_one_network_name_has_exactly_one_winner(dirs: tuple[str, str
 
 def test_racing_for_default_pools_gives_disjoint_subnets(dirs: tuple[str, str]) -> None:
     NetworkController(state_dir=dirs[0], run_dir=dirs[1]).close()
-    barrier_names = [f"net{i}" for i in range(NPROC)]
     # Each worker gets its own name (by index), so every create must succeed.
-    out = _race(_named_network_worker, dirs, barrier_names)
+    out = _race(_named_network_worker, dirs, [f"net{i}" for i in range(NPROC)])
     assert all(s == "ok" for s, _ in out.values()), out
     subnets = [ipaddress.ip_network(v[1][0]) for _, v in out.values()]
     for i, a in enumerate(subnets):
         for b in subnets[i + 1 :]:
             assert not a.overlaps(b), (a, b)  # type: ignore[arg-type]
-
-
-def _named_network_worker(
-    state_dir: str, run_dir: str, idx: int, barrier: Any, names: list[str]
-) -> Any:
-    return _network_worker(state_dir, run_dir, idx, barrier, names[idx])
 
 
 def test_racing_for_one_static_address_has_exactly_one_winner(shared: tuple[str, str]) -> None:

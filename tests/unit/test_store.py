@@ -317,7 +317,7 @@ def test_failed_migration_changes_nothing(
     broken = "CREATE TABLE half_done (x); THIS IS NOT SQL"
     monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     monkeypatch.setattr(sqlite_mod, "MIGRATIONS", [*sqlite_mod.MIGRATIONS, broken])
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(errors.StoreError, match="syntax error"):
         SQLiteStore(dirs[0])
     monkeypatch.undo()
     store = SQLiteStore(dirs[0])
