@@ -10,60 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cnm.fastpath import netns
 
-pytestmark = pytest.mark.privileged
+from .oracles import assert_fresh_loopback_only, nsfs_mounts
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
 
 # --- independent oracles -----------------------------------------------------------------
-
-
-def nsfs_mounts(under: str | os.PathLike[str]) -> dict[str, str]:
-    """nsfs mount points at or below `under` -> the namespace they hold ("net:[ino]")."""
-    base = os.path.realpath(under)
-    out: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            point = fields[4].replace("\\040", " ")
-            if right.split()[0] == "nsfs" and (point == base or point.startswith(base + "/")):
-                out[point] = fields[3]
-    return out
-
-
-def ns_links(path: str | os.PathLike[str]) -> dict[str, dict]:
-    """The links inside the namespace at `path`, as `ip -j link show` reports them."""
-    out = subprocess.run(
-        ["nsenter", f"--net={path}", "ip", "-j", "link", "show"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {link["ifname"]: link for link in json.loads(out)}
-
-
-def ns_addrs(path: str | os.PathLike[str]) -> dict[str, set[str]]:
-    out = subprocess.run(
-        ["nsenter", f"--net={path}", "ip", "-j", "addr", "show"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return {
-        link["ifname"]: {a["local"] for a in link.get("addr_info", [])} for link in json.loads(out)
-    }
 
 
 def ns_identity(path: str | os.PathLike[str]) -> str:
@@ -88,21 +50,6 @@ def thread_namespaces() -> dict[int, str]:
         with contextlib.suppress(FileNotFoundError):
             out[int(tid)] = os.readlink(f"/proc/self/task/{tid}/ns/net")
     return out
-
-
-def assert_fresh_loopback_only(path: str | os.PathLike[str]) -> None:
-    links = ns_links(path)
-    assert set(links) == {"lo"}, links
-    assert "UP" in links["lo"]["flags"], links["lo"]
-    # The kernel gives loopback its addresses only once it is up.
-    assert "127.0.0.1" in ns_addrs(path)["lo"]
-
-
-@pytest.fixture(autouse=True)
-def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
-    yield
-    for point in sorted(nsfs_mounts(tmp_path), reverse=True):
-        netns.umount(point)
 
 
 @pytest.fixture

@@ -8,78 +8,22 @@ directory run_dir/netns itself.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from cnm.control import NetworkController, errors
 from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver
-from cnm.fastpath import netns
 
-pytestmark = pytest.mark.privileged
+from .oracles import assert_null_sandbox, netns_dir, nsfs_mounts
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-# --- independent oracles -----------------------------------------------------------------
-
-
-def nsfs_mounts(under: str | os.PathLike[str]) -> dict[str, str]:
-    """nsfs mount points at or below `under` -> the namespace they hold ("net:[ino]")."""
-    base = os.path.realpath(under)
-    out: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            point = fields[4].replace("\\040", " ")
-            if right.split()[0] == "nsfs" and (point == base or point.startswith(base + "/")):
-                out[point] = fields[3]
-    return out
-
-
-def _ip_json(key: str, *what: str) -> list[dict]:
-    out = subprocess.run(
-        ["nsenter", f"--net={key}", "ip", "-j", *what],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out)
-
-
-def assert_null_sandbox(key: str) -> str:
-    """`key` holds a namespace of its own with only loopback, up; returns its identity."""
-    mounted = nsfs_mounts(key)
-    assert key in mounted, f"no namespace mounted at {key}"
-    assert mounted[key] != os.readlink("/proc/self/ns/net")
-    links = {link["ifname"]: link for link in _ip_json(key, "link", "show")}
-    assert set(links) == {"lo"}, links
-    assert "UP" in links["lo"]["flags"]
-    addrs = {a["local"] for link in _ip_json(key, "addr", "show") for a in link["addr_info"]}
-    assert "127.0.0.1" in addrs
-    return mounted[key]
-
-
-def netns_dir(run_dir: str) -> list[str]:
-    try:
-        return sorted(os.listdir(os.path.join(run_dir, "netns")))
-    except FileNotFoundError:
-        return []
-
-
-@pytest.fixture(autouse=True)
-def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
-    yield
-    for point in sorted(nsfs_mounts(tmp_path), reverse=True):
-        netns.umount(point)
 
 
 @pytest.fixture

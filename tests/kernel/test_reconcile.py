@@ -19,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,9 @@ from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver
 from cnm.fastpath import netns
 
-pytestmark = pytest.mark.privileged
+from .oracles import assert_null_sandbox, netns_dir, nsfs_mounts
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
 CRASH = 86  # the child's exit status when it died at the chosen point
 
@@ -64,44 +66,6 @@ ctl = NetworkController(state_dir=sys.argv[1], run_dir=sys.argv[2])
 
 
 # --- independent oracles -----------------------------------------------------------------
-
-
-def nsfs_mounts(under: str | os.PathLike[str]) -> dict[str, str]:
-    """nsfs mount points at or below `under` -> the namespace they hold ("net:[ino]")."""
-    base = os.path.realpath(under)
-    out: dict[str, str] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            point = fields[4].replace("\\040", " ")
-            if right.split()[0] == "nsfs" and (point == base or point.startswith(base + "/")):
-                out[point] = fields[3]
-    return out
-
-
-def assert_null_sandbox(key: str) -> str:
-    """`key` holds a namespace of its own with only loopback, up; returns its identity."""
-    mounted = nsfs_mounts(key)
-    assert key in mounted, f"no namespace mounted at {key}"
-    assert mounted[key] != os.readlink("/proc/self/ns/net")
-    out = subprocess.run(
-        ["nsenter", f"--net={key}", "ip", "-j", "link", "show"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    links = {link["ifname"]: link for link in json.loads(out)}
-    assert set(links) == {"lo"}, links
-    assert "UP" in links["lo"]["flags"]
-    return mounted[key]
-
-
-def netns_dir(run_dir: str) -> list[str]:
-    try:
-        return sorted(os.listdir(os.path.join(run_dir, "netns")))
-    except FileNotFoundError:
-        return []
 
 
 def db_rows(state_dir: str, sql: str) -> list[tuple]:
@@ -139,7 +103,7 @@ def assert_consistent(state_dir: str, run_dir: str) -> None:
     assert sorted(os.path.join(run_dir, "netns", n) for n in netns_dir(run_dir)) == keys
     assert sorted(nsfs_mounts(run_dir)) == keys
     for key in keys:
-        assert_null_sandbox(key)
+        assert_null_sandbox(key, addresses=False)
 
     # IPAM: every pool is a network's, every address an endpoint's or a network's gateway.
     pools = {
@@ -164,13 +128,6 @@ def assert_consistent(state_dir: str, run_dir: str) -> None:
             ), (pool_id, ip)
         else:
             assert (owner, ip) in owned, f"address {ip} of {pool_id} belongs to no endpoint"
-
-
-@pytest.fixture(autouse=True)
-def _unmount_leftovers(tmp_path: Path) -> Iterator[None]:
-    yield
-    for point in sorted(nsfs_mounts(tmp_path), reverse=True):
-        netns.umount(point)
 
 
 def crash(dirs: tuple[str, str], tmp_path: Path, body: str) -> None:
@@ -433,7 +390,7 @@ def test_after_repair_the_objects_work_again(dirs, tmp_path) -> None:
     with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as ctl:
         ep = ctl.network("n1").endpoint("e0")
         key = ep.join("c1")
-        assert_null_sandbox(key)
+        assert_null_sandbox(key, addresses=False)
         ep.delete(force=True)
         ctl.delete_endpoints(ctl.network("n1").endpoints())
         ctl.network("n1").delete()  # refused if a half-made endpoint were still there
@@ -449,7 +406,7 @@ def test_a_vanished_namespace_of_a_joined_sandbox_is_recreated(dirs, ctl) -> Non
     e2 = ctl.create_network("n2", driver="null").create_endpoint("e2")
     key = e1.join("c1")
     e2.join("c1")
-    before = assert_null_sandbox(key)
+    before = assert_null_sandbox(key, addresses=False)
     netns.delete(key)  # behind the controller's back
     assert not os.path.lexists(key)
 
@@ -457,7 +414,7 @@ def test_a_vanished_namespace_of_a_joined_sandbox_is_recreated(dirs, ctl) -> Non
     assert report.errors == []
     assert report.kinds() == {"sandbox_namespace_recreated": 1}
     assert [r.object for r in report.repairs] == [key]
-    assert assert_null_sandbox(key) != before  # a new namespace at the same key
+    assert assert_null_sandbox(key, addresses=False) != before  # a new namespace at the same key
     assert e1.sandbox is not None and e1.sandbox.key == key
     assert e2.sandbox is not None and e2.sandbox.key == key
     assert_consistent(*dirs)
@@ -473,7 +430,7 @@ def test_an_explicit_sandbox_with_a_stale_file_gets_its_namespace_back(dirs, ctl
     report = ctl.reconcile()
     assert report.errors == []
     assert report.kinds() == {"sandbox_namespace_recreated": 1}
-    assert_null_sandbox(sb.key)
+    assert_null_sandbox(sb.key, addresses=False)
     assert ctl.sandbox("c2").id == sb.id
     assert_consistent(*dirs)
     assert ctl.reconcile().clean
@@ -483,7 +440,7 @@ def test_a_stray_namespace_is_removed_and_real_sandboxes_kept(dirs, ctl) -> None
     run_dir = dirs[1]
     ep = ctl.create_network("n1", driver="null").create_endpoint("e1")
     key = ep.join("c1")
-    ident = assert_null_sandbox(key)
+    ident = assert_null_sandbox(key, addresses=False)
     stray = os.path.join(run_dir, "netns", "f" * 64)
     netns.create(stray)
     stale = os.path.join(run_dir, "netns", "stale-file")
@@ -495,7 +452,7 @@ def test_a_stray_namespace_is_removed_and_real_sandboxes_kept(dirs, ctl) -> None
     assert sorted(r.object for r in report.repairs) == sorted([stray, stale])
     assert not os.path.lexists(stray) and not os.path.lexists(stale)
     assert netns_dir(run_dir) == [os.path.basename(key)]
-    assert assert_null_sandbox(key) == ident
+    assert assert_null_sandbox(key, addresses=False) == ident
     assert_consistent(*dirs)
     assert ctl.reconcile().clean
 
@@ -575,7 +532,8 @@ def test_a_leave_that_fails_is_finished_by_reconcile(dirs, ctl) -> None:
     with pytest.raises(RuntimeError, match="injected leave failure"):
         ep.leave("c1")
     assert ep.refresh().record.join_state == "leaving"
-    assert_null_sandbox(key)  # still held by the endpoint that did not finish leaving
+    # Still held by the endpoint that did not finish leaving.
+    assert_null_sandbox(key, addresses=False)
 
     report = ctl.reconcile()
     assert report.errors == []
