@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from types import ModuleType
 
 _log = logging.getLogger(__name__)
 CHOICES = ("auto", "native", "python")
@@ -45,6 +46,17 @@ def select_backend(requested: str | None = None) -> str:
         _warned = True
         _log.warning("native fast path not built; using the pure-Python backend")
     return "python"
+
+
+def codec(backend: str | None = None) -> ModuleType:
+    """The codec module of a backend ("auto"/"native"/"python"; None = $CNM_FASTPATH)."""
+    if select_backend(backend) == "native":
+        from . import _codec
+
+        return _codec
+    from . import _pycodec
+
+    return _pycodec
 
 
 def __getattr__(name: str) -> str:

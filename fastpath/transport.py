@@ -1,0 +1,270 @@
+"""Batched rtnetlink transport: one socket per network namespace, many requests per send.
+
+Owns the NETLINK_ROUTE sockets (opened once per namespace by the namespace worker, no
+process, then reused), batching, ACK collection, dumps, and the mapping of every kernel
+error back to the request that caused it.
+
+Batch semantics (what callers rely on to roll back exactly):
+- Requests are sent in order, packed into as few sendmsg calls as the socket buffers
+  allow (chunks of at most MAX_CHUNK_MESSAGES messages and MAX_CHUNK_BYTES bytes).
+- The kernel handles a chunk synchronously inside sendmsg, one request after another,
+  and does NOT stop at a failure: every request of the batch is attempted, in order.
+- Only the last request of a chunk asks for an ACK; the kernel still answers every
+  request that fails with an NLMSG_ERROR carrying its sequence number, so each failure is
+  mapped back to its request, and every request without an error reply succeeded.
+- `execute()` returns a BatchResult listing the failed requests (index -> NetlinkError
+  with errno and the kernel's extended-ack text); all other requests were applied. A
+  request that depends on a failed one (e.g. an address on a link that was not created)
+  fails on its own and is listed too.
+- If the receive buffer overflows (ENOBUFS), the kernel has applied the chunk but some
+  replies were lost: BatchStateUnknown is raised and the caller must re-read the kernel.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import random
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+
+from . import codec as _select_codec
+from . import messages as m
+from . import netns
+from .messages import Message
+
+MAX_CHUNK_MESSAGES = 512
+MAX_CHUNK_BYTES = 96 * 1024
+SOCKET_BUFFER = 4 * 1024 * 1024
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+_RECV_SIZE = 1 << 20
+
+
+class NetlinkError(OSError):
+    """The kernel refused a request: errno, the kernel's message, and which request."""
+
+    def __init__(
+        self,
+        errno: int,
+        message: str = "",
+        *,
+        index: int | None = None,
+        request: Message | None = None,
+    ) -> None:
+        text = message or os.strerror(errno)
+        super().__init__(errno, text)
+        self.message = text
+        self.index = index
+        self.request = request
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno or 0, str(self.errno))
+        where = f" (request {self.index})" if self.index is not None else ""
+        return f"{self.message} ({name}){where}"
+
+
+class BatchStateUnknown(NetlinkError):
+    """Replies were lost (ENOBUFS): the batch was applied, but which requests failed is
+    unknown. Re-read the kernel's state before acting on it."""
+
+
+@dataclass
+class BatchResult:
+    total: int
+    errors: dict[int, NetlinkError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def succeeded(self) -> list[int]:
+        return [i for i in range(self.total) if i not in self.errors]
+
+    def raise_first(self) -> None:
+        if self.errors:
+            raise self.errors[min(self.errors)]
+
+
+def _open_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, m.NETLINK_ROUTE)
+    try:
+        sock.setsockopt(m.SOL_NETLINK, m.NETLINK_EXT_ACK, 1)
+        sock.setsockopt(m.SOL_NETLINK, m.NETLINK_CAP_ACK, 1)
+        for force, plain in (
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+        sock.bind((0, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _extack(msg: Message) -> str:
+    for a in msg.attrs:
+        if a.type == m.NLMSGERR_ATTR_MSG and isinstance(a.value, str):
+            return a.value
+    return ""
+
+
+class NetlinkSocket:
+    """A NETLINK_ROUTE socket bound to one network namespace (thread-safe)."""
+
+    def __init__(self, netns_path: str | None = None, *, backend: str | None = None) -> None:
+        self.netns_path = netns_path
+        self.codec: ModuleType = _select_codec(backend)
+        self._sock = (
+            _open_socket() if netns_path is None else netns.run_in(netns_path, _open_socket)
+        )
+        self._seq = random.randrange(1, 1 << 30)
+        self._lock = threading.Lock()
+        self._rbuf = bytearray(_RECV_SIZE)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> NetlinkSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _recv(self) -> list[Message]:
+        try:
+            n = self._sock.recv_into(self._rbuf)
+        except OSError as exc:
+            if exc.errno == _errno.ENOBUFS:
+                raise BatchStateUnknown(
+                    _errno.ENOBUFS, "netlink replies were lost: re-read the kernel's state"
+                ) from None
+            raise
+        return self.codec.decode(memoryview(self._rbuf)[:n])
+
+    def execute(self, requests: Sequence[Message]) -> BatchResult:
+        """Send a batch; returns which requests failed (see the module docstring)."""
+        result = BatchResult(len(requests))
+        if not requests:
+            return result
+        with self._lock:
+            start = 0
+            total = len(requests)
+            while start < total:
+                count = min(MAX_CHUNK_MESSAGES, total - start)
+                while True:
+                    first = self._seq if self._seq + count < 0x7FFFFFFF else 1
+                    chunk = [
+                        r._replace(
+                            seq=first + k,
+                            flags=r.flags
+                            | m.NLM_F_REQUEST
+                            | (m.NLM_F_ACK if k == count - 1 else 0),
+                        )
+                        for k, r in enumerate(requests[start : start + count])
+                    ]
+                    data = self.codec.encode(chunk)
+                    if len(data) <= MAX_CHUNK_BYTES or count == 1:
+                        break
+                    count = max(1, count // 2)
+                self._seq = first + count
+                self._sock.send(data)
+                self._collect(first, count, start, requests, result)
+                start += count
+        return result
+
+    def _collect(
+        self, first: int, count: int, offset: int, requests: Sequence[Message], result: BatchResult
+    ) -> None:
+        last = first + count - 1
+        while True:
+            for reply in self._recv():
+                k = reply.seq - first
+                if not 0 <= k < count or reply.type != m.NLMSG_ERROR:
+                    continue
+                err = -reply.header[0]
+                if err:
+                    index = offset + k
+                    result.errors[index] = NetlinkError(
+                        err, _extack(reply), index=index, request=requests[index]
+                    )
+                if reply.seq == last:
+                    return
+
+    def request(self, msg: Message) -> None:
+        """One request, ACKed; raises NetlinkError on failure."""
+        self.execute([msg]).raise_first()
+
+    def dump(self, msg: Message) -> list[Message]:
+        """Send a dump request and gather every part of the answer."""
+        with self._lock:
+            seq = self._seq if self._seq < 0x7FFFFFFF else 1
+            self._seq = seq + 1
+            self._sock.send(self.codec.encode([msg._replace(seq=seq)]))
+            out: list[Message] = []
+            while True:
+                for reply in self._recv():
+                    if reply.seq != seq:
+                        continue
+                    if reply.type == m.NLMSG_DONE:
+                        return out
+                    if reply.type == m.NLMSG_ERROR:
+                        err = -reply.header[0]
+                        if err:
+                            raise NetlinkError(err, _extack(reply), request=msg)
+                        return out
+                    out.append(reply)
+
+
+# --- one socket per namespace, opened once ---------------------------------------------
+
+_sockets: dict[tuple[str | None, int, int, str], NetlinkSocket] = {}
+_sockets_lock = threading.Lock()
+
+
+def _identity(path: str | None) -> tuple[int, int]:
+    st = os.stat(path if path is not None else "/proc/thread-self/ns/net")
+    return st.st_dev, st.st_ino
+
+
+def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> NetlinkSocket:
+    """The cached socket of a namespace (None: the caller's own), opened on first use.
+
+    Keyed by the namespace's identity, so a path reused for a new namespace gets a new
+    socket. Call `forget()` when deleting a namespace: a cached socket keeps it alive.
+    """
+    from . import select_backend
+
+    name = select_backend(backend)
+    key = (netns_path, *_identity(netns_path), name)
+    with _sockets_lock:
+        sock = _sockets.get(key)
+        if sock is None:
+            sock = _sockets[key] = NetlinkSocket(netns_path, backend=name)
+        return sock
+
+
+def forget(netns_path: str) -> None:
+    """Close the cached sockets of a namespace path (before or after deleting it)."""
+    with _sockets_lock:
+        for key in [k for k in _sockets if k[0] == netns_path]:
+            _sockets.pop(key).close()
+
+
+def _forget_all_after_fork() -> None:
+    global _sockets_lock
+    _sockets.clear()
+    _sockets_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
