@@ -17,7 +17,7 @@ import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -229,6 +229,44 @@ class NamespaceWorker:
 
         return self.submit(job)
 
+    def create_many(self, paths: Sequence[str]) -> list[BaseException | None]:
+        """Create many namespaces in one job (one thread hand-off in all).
+
+        Returns, per path, None or the error that path met; a failed path leaves nothing.
+        """
+
+        def job() -> list[BaseException | None]:
+            out: list[BaseException | None] = []
+            for path in paths:
+                try:
+                    self.create(path)
+                    out.append(None)
+                except OSError as exc:
+                    out.append(exc)
+            return out
+
+        return self.submit(job)
+
+    def each(self, fds: Sequence[int], fn: Callable[[int], T]) -> list[T | BaseException]:
+        """Run fn(i) inside the namespace of fds[i], for every i, in one job.
+
+        Each result is fn's return value or the exception it raised; one failing
+        namespace does not stop the others. The worker comes home once, at the end.
+        """
+
+        def job() -> list[T | BaseException]:
+            out: list[T | BaseException] = []
+            with self._away():
+                for i, fd in enumerate(fds):
+                    try:
+                        setns(fd)
+                        out.append(fn(i))
+                    except Exception as exc:
+                        out.append(exc)
+            return out
+
+        return self.submit(job)
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
@@ -260,6 +298,16 @@ def worker() -> NamespaceWorker:
 def create(path: str) -> None:
     """Create a network namespace bind-mounted at `path` with loopback up."""
     worker().create(path)
+
+
+def create_many(paths: Sequence[str]) -> list[BaseException | None]:
+    """Create many namespaces at once; per path None or its error (see NamespaceWorker)."""
+    return worker().create_many(paths)
+
+
+def each(fds: Sequence[int], fn: Callable[[int], T]) -> list[T | BaseException]:
+    """Run fn(i) inside the namespace of fds[i] for every i (see NamespaceWorker.each)."""
+    return worker().each(fds, fn)
 
 
 def delete(path: str) -> None:

@@ -89,6 +89,17 @@ class BatchResult:
             raise self.errors[min(self.errors)]
 
 
+_local = threading.local()
+
+
+def _recv_buffer() -> bytearray:
+    """One receive buffer per thread, shared by all its sockets (allocated once)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(_RECV_SIZE)
+    return buf
+
+
 def _open_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, m.NETLINK_ROUTE)
     try:
@@ -120,14 +131,16 @@ class NetlinkSocket:
     """A NETLINK_ROUTE socket bound to one network namespace (thread-safe)."""
 
     def __init__(self, netns_path: str | None = None, *, backend: str | None = None) -> None:
+        from . import select_backend
+
         self.netns_path = netns_path
-        self.codec: ModuleType = _select_codec(backend)
+        self.backend = select_backend(backend)
+        self.codec: ModuleType = _select_codec(self.backend)
         self._sock = (
             _open_socket() if netns_path is None else netns.run_in(netns_path, _open_socket)
         )
         self._seq = random.randrange(1, 1 << 30)
         self._lock = threading.Lock()
-        self._rbuf = bytearray(_RECV_SIZE)
 
     def close(self) -> None:
         self._sock.close()
@@ -142,15 +155,16 @@ class NetlinkSocket:
         return self._sock.fileno()
 
     def _recv(self) -> list[Message]:
+        rbuf = _recv_buffer()
         try:
-            n = self._sock.recv_into(self._rbuf)
+            n = self._sock.recv_into(rbuf)
         except OSError as exc:
             if exc.errno == _errno.ENOBUFS:
                 raise BatchStateUnknown(
                     _errno.ENOBUFS, "netlink replies were lost: re-read the kernel's state"
                 ) from None
             raise
-        return self.codec.decode(memoryview(self._rbuf)[:n])
+        return self.codec.decode(memoryview(rbuf)[:n])
 
     def execute(self, requests: Sequence[Message]) -> BatchResult:
         """Send a batch; returns which requests failed (see the module docstring)."""
