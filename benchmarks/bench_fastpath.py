@@ -118,11 +118,8 @@ class Rig:
         self.host = socket_for(None)
         self.bridge_name = f"br{tag}"
         self.host.request(rtnl.bridge(self.bridge_name))
-        self.bridge = next(
-            l.index
-            for l in map(records.link_record, self.host.dump(rtnl.dump_links()))
-            if l.name == self.bridge_name
-        )
+        links = map(records.link_record, self.host.dump(rtnl.dump_links()))
+        self.bridge = next(link.index for link in links if link.name == self.bridge_name)
         self.group = 100 + sum(map(ord, tag))
 
     def check(self, sample: int = 3) -> None:
@@ -139,12 +136,8 @@ class Rig:
             ), out
 
     def close(self) -> None:
-        links = [
-            l
-            for l in map(records.link_record, self.host.dump(rtnl.dump_links()))
-            if l.master == self.bridge
-        ]
-        if links:
+        links = map(records.link_record, self.host.dump(rtnl.dump_links()))
+        if any(link.master == self.bridge for link in links):
             bulk.delete_group(self.group, host=self.host)
         self.host.request(rtnl.link_del(self.bridge))
         for p in self.paths:
