@@ -701,9 +701,8 @@ class NetworkController:
             created: list[SandboxRecord] = []
             joined: list[_JoinPlan] = []
             try:
-                for sb in new_sandboxes.values():
-                    self._namespaces.create(sb.id)
-                    created.append(sb)
+                self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
+                created.extend(new_sandboxes.values())
                 for p in plans:
                     drv = self._driver(p.network.driver)
                     info = drv.join(

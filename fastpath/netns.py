@@ -100,8 +100,12 @@ def is_netns(path: str) -> bool:
 
 
 def _set_link_up(name: str) -> None:
-    """Set IFF_UP on a link of the calling thread's namespace (used for loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    """Set IFF_UP on a link of the calling thread's namespace (used for loopback).
+
+    The interface ioctls work on any socket; an AF_UNIX one is the cheapest to make in a
+    namespace that has just been born.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         req = struct.pack("16sH22x", name.encode(), 0)
         flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
         if not flags & _IFF_UP:

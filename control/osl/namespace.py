@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
-from cnm.fastpath import netns
+from cnm.fastpath import netns, transport
 
 from .. import errors
 
@@ -50,7 +50,28 @@ class NamespaceStore:
             raise _kernel_error(exc, f"create namespace {path}") from None
         return path
 
+    def create_many(self, sandbox_ids: list[str]) -> list[str]:
+        """Create many sandbox namespaces in one worker job; all of them, or none."""
+        if not sandbox_ids:
+            return []
+        paths = [self.key(s) for s in sandbox_ids]
+        try:
+            os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise _kernel_error(exc, f"create {self.dir}") from None
+        outcomes = netns.create_many(paths)
+        failed = [(p, e) for p, e in zip(paths, outcomes, strict=True) if e is not None]
+        if failed:
+            for path, outcome in zip(paths, outcomes, strict=True):
+                if outcome is None:
+                    netns.delete(path)
+            path, exc = failed[0]
+            assert isinstance(exc, OSError)
+            raise _kernel_error(exc, f"create namespace {path}")
+        return paths
+
     def delete(self, key: str) -> None:
+        transport.forget(key)  # a cached socket would keep the namespace alive
         try:
             netns.delete(key)
         except OSError as exc:

@@ -7,6 +7,7 @@ directory run_dir/netns itself.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -18,6 +19,7 @@ import pytest
 from cnm.control import NetworkController, errors
 from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver
+from cnm.fastpath import netns
 
 from .oracles import assert_null_sandbox, netns_dir, nsfs_mounts
 
@@ -371,16 +373,17 @@ def test_join_many_failing_on_the_kth_rolls_back_the_earlier_ones(ctl, run_dir, 
 
 def test_join_many_failing_to_make_a_namespace_rolls_back(ctl, run_dir, monkeypatch) -> None:
     eps = ctl.create_network("n1", driver="null").create_endpoints([f"e{i}" for i in range(4)])
-    real = ctl.namespaces.create
+    worker = netns.worker()
+    real = worker.create
     made: list[str] = []
 
-    def create(sandbox_id: str) -> str:
+    def create(path: str) -> None:
         if len(made) == 2:
-            raise errors.KernelError(28, "injected namespace failure")
-        made.append(real(sandbox_id))
-        return made[-1]
+            raise OSError(errno.ENOSPC, "injected namespace failure")
+        real(path)
+        made.append(path)
 
-    monkeypatch.setattr(ctl.namespaces, "create", create)
+    monkeypatch.setattr(worker, "create", create)
     with pytest.raises(errors.KernelError, match="injected"):
         ctl.join_many([(ep, f"c{i}") for i, ep in enumerate(eps)])
     assert len(made) == 2 and not any(os.path.lexists(k) for k in made)

@@ -42,6 +42,7 @@ from cnm.control.driverapi import JoinInfo, SandboxInfo
 from cnm.control.drivers.null import NullDriver
 from cnm.control.drivers.null import NullDriver
 from cnm.control.osl.namespace import NamespaceStore
+from cnm.fastpath.netns import NamespaceWorker
 
 def _patch(cls, name, nth, after):
     real = getattr(cls, name)
@@ -208,13 +209,13 @@ SCENARIOS: list[tuple[str, Callable[[NetworkController], None], str, dict[str, i
     (
         "join/after-namespace-create",
         _setup_network,
-        E0 + "crash_after(NamespaceStore, 'create')\nep.join('c1')",
+        E0 + "crash_after(NamespaceWorker, 'create')\nep.join('c1')",
         {"join_rolled_back": 1, "sandbox_create_rolled_back": 1},
     ),
     (
         "join/before-namespace-create",
         _setup_network,
-        E0 + "crash_before(NamespaceStore, 'create')\nep.join('c1')",
+        E0 + "crash_before(NamespaceWorker, 'create')\nep.join('c1')",
         {"join_rolled_back": 1, "sandbox_create_rolled_back": 1},
     ),
     (
@@ -227,7 +228,7 @@ SCENARIOS: list[tuple[str, Callable[[NetworkController], None], str, dict[str, i
     (
         "join_many/2nd-namespace-create",
         _setup_network,
-        "crash_after(NamespaceStore, 'create', nth=2)\n"
+        "crash_after(NamespaceWorker, 'create', nth=2)\n"
         "ctl.join_many([(e, 'c' + e.name) for e in ctl.network('n1').endpoints()])",
         {"join_rolled_back": 5, "sandbox_create_rolled_back": 5},
     ),
