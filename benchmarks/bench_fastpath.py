@@ -54,7 +54,6 @@ def attach_messages(containers: int) -> list:
                     f"veth{i:05d}",
                     "eth0",
                     10 + i % 100,
-                    peer_ifindex=2,
                     master=3,
                     group=7,
                     mac="02:42:0a:09:00:02",
@@ -154,7 +153,6 @@ def run_cnm(root: str, backend: str, count: int) -> float:
             bulk.Attachment(
                 p,
                 f"vc{backend[:2]}{i}",
-                2,
                 master=rig.bridge,
                 group=rig.group,
                 addresses=(ipaddress.ip_interface(f"{next(hosts)}/16"),),

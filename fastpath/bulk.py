@@ -41,8 +41,7 @@ class Attachment:
 
     netns_path: str
     host_name: str
-    peer_ifindex: int  # the peer's index inside the sandbox (must be free there)
-    peer_name: str = "eth0"
+    peer_name: str = "eth0"  # must not exist in the sandbox yet
     master: int | None = None
     group: int | None = None
     mtu: int | None = None
@@ -53,8 +52,8 @@ class Attachment:
     gateway6: IPAddress | None = None
     routes: tuple[Route, ...] = ()
 
-    def sandbox_requests(self) -> list[Message]:
-        idx = self.peer_ifindex
+    def sandbox_requests(self, idx: int) -> list[Message]:
+        """The sandbox-side batch, for the peer's index `idx` there."""
         reqs = [rtnl.addr_add(idx, a) for a in self.addresses]
         reqs.append(rtnl.link_set(idx, up=True))
         if self.gateway is not None:
@@ -100,7 +99,6 @@ def attach(
                     name=it.host_name,
                     peer_name=it.peer_name,
                     peer_netns_fd=fd,
-                    peer_ifindex=it.peer_ifindex,
                     master=it.master,
                     mtu=it.mtu,
                     mac=it.host_mac,
@@ -117,9 +115,12 @@ def attach(
 
         def configure(k: int) -> BatchResult:
             # Runs in the namespace worker, already inside the k-th sandbox: a socket
-            # opened here belongs to that namespace.
+            # opened here belongs to that namespace. The peer's index there is looked up
+            # by name (the kernel numbers it; a requested peer index needs a host one).
+            item = items[todo[k]]
             with NetlinkSocket(backend=host.backend) as sock:
-                return sock.execute(items[todo[k]].sandbox_requests())
+                peer = sock.get(rtnl.link_get(item.peer_name))
+                return sock.execute(item.sandbox_requests(peer.header[2]))
 
         outcomes = netns.each([fds[i] for i in todo], configure)
         for i, outcome in zip(todo, outcomes, strict=True):

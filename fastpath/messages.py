@@ -386,7 +386,8 @@ POLICY_OF_TYPE: dict[int, str] = {
     RTM_DELNEIGH: "neigh",
     RTM_GETNEIGH: "neigh",
     NLMSG_ERROR: "nlmsgerr",
-    NLMSG_DONE: "",
+    # A dump that fails part-way ends with NLMSG_DONE carrying -errno and ext-ack attrs.
+    NLMSG_DONE: "nlmsgerr",
 }
 
 ATTR_NAMES: dict[str, dict[str, int]] = {

@@ -71,14 +71,15 @@ def _ifinfo(index: int = 0, up: bool | None = None) -> tuple[int, int, int, int,
 class VethSpec:
     """One veth pair: the host end here, the peer made directly inside `peer_netns_fd`.
 
-    `peer_ifindex` (0: kernel's choice) numbers the peer inside its namespace, so the
-    same batch can address it there without a look-up.
+    `ifindex` / `peer_ifindex` (0: the kernel's choice) number the two ends. The kernel
+    honours a peer index only when the host end's index is given too.
     """
 
     name: str
     peer_name: str
     peer_netns_fd: int
     peer_ifindex: int = 0
+    ifindex: int = 0
     master: int | None = None
     mtu: int | None = None
     mac: str | None = None
@@ -88,6 +89,8 @@ class VethSpec:
 
 
 def veth(spec: VethSpec) -> Message:
+    if spec.peer_ifindex and not spec.ifindex:
+        raise ValueError("a veth peer index is only honoured with the host end's index set")
     peer = (
         _ifinfo(spec.peer_ifindex),
         _link_attrs(
@@ -107,7 +110,7 @@ def veth(spec: VethSpec) -> Message:
             ],
         )
     )
-    return Message(m.RTM_NEWLINK, CREATE, 0, 0, _ifinfo(0, spec.up or None), attrs)
+    return Message(m.RTM_NEWLINK, CREATE, 0, 0, _ifinfo(spec.ifindex, spec.up or None), attrs)
 
 
 def bridge(
@@ -191,6 +194,11 @@ def link_set(
     """Change a link: up/down, rename, MTU, MAC, master (0 = none), group, or namespace."""
     attrs = _link_attrs(name=name, mtu=mtu, mac=mac, master=master, group=group, netns_fd=netns_fd)
     return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(index, up), attrs)
+
+
+def link_get(name: str) -> Message:
+    """One link by name (answered with an RTM_NEWLINK, or an error)."""
+    return Message(m.RTM_GETLINK, REQUEST, 0, 0, _ifinfo(), [Attr(m.IFLA_IFNAME, m.STR, name)])
 
 
 def link_del(index: int = 0, *, name: str | None = None) -> Message:

@@ -215,6 +215,22 @@ class NetlinkSocket:
                 if reply.seq == last:
                     return
 
+    def get(self, msg: Message) -> Message:
+        """A non-dump GET (e.g. one link by name): the kernel's answer, or NetlinkError."""
+        with self._lock:
+            seq = self._seq if self._seq < 0x7FFFFFFF else 1
+            self._seq = seq + 1
+            self._sock.send(self.codec.encode([msg._replace(seq=seq)]))
+            while True:
+                for reply in self._recv():
+                    if reply.seq != seq:
+                        continue
+                    if reply.type == m.NLMSG_ERROR:
+                        raise NetlinkError(
+                            -reply.header[0] or _errno.EIO, _extack(reply), request=msg
+                        )
+                    return reply
+
     def request(self, msg: Message) -> None:
         """One request, ACKed; raises NetlinkError on failure."""
         self.execute([msg]).raise_first()
@@ -231,6 +247,9 @@ class NetlinkSocket:
                     if reply.seq != seq:
                         continue
                     if reply.type == m.NLMSG_DONE:
+                        err = -reply.header[0]
+                        if err > 0:  # the dump failed part-way
+                            raise NetlinkError(err, _extack(reply), request=msg)
                         return out
                     if reply.type == m.NLMSG_ERROR:
                         err = -reply.header[0]

@@ -7,6 +7,7 @@ is inside a namespace, and the run_dir/netns directory is listed as it is on dis
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -79,3 +80,68 @@ def netns_dir(run_dir: str) -> list[str]:
         return sorted(os.listdir(os.path.join(run_dir, "netns")))
     except FileNotFoundError:
         return []
+
+
+# --- more `ip`/`bridge` views, for the netlink transport tests ---------------------------
+
+
+def _ns_json(path: str | os.PathLike[str], *argv: str) -> list[dict]:
+    """The JSON a tool (`ip -j ...`, `bridge -j ...`) prints inside the namespace at `path`."""
+    out = subprocess.run(
+        ["nsenter", f"--net={path}", *argv], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def ns_link_details(path: str | os.PathLike[str]) -> dict[str, dict]:
+    """The links inside the namespace at `path` with their kind data (`ip -d -j link show`)."""
+    return {link["ifname"]: link for link in _ns_json(path, "ip", "-d", "-j", "link", "show")}
+
+
+def ns_addr_info(path: str | os.PathLike[str]) -> dict[str, list[dict]]:
+    """Every address entry (flags included) of each link (`ip -j addr show`)."""
+    return {
+        link["ifname"]: link.get("addr_info", [])
+        for link in _ns_json(path, "ip", "-j", "addr", "show")
+    }
+
+
+def ns_routes(path: str | os.PathLike[str], version: int = 4) -> list[dict]:
+    """The main table's routes of one family (`ip -4|-6 -j route show`)."""
+    return _ns_json(path, "ip", f"-{version}", "-j", "route", "show")
+
+
+def ns_neighbours(path: str | os.PathLike[str], dev: str | None = None) -> list[dict]:
+    """Every ARP/ND entry, whatever its state (`ip -j neigh show nud all [dev DEV]`)."""
+    where = ["dev", dev] if dev is not None else []
+    return _ns_json(path, "ip", "-j", "neigh", "show", "nud", "all", *where)
+
+
+def ns_fdb(path: str | os.PathLike[str], dev: str) -> list[dict]:
+    """The forwarding database entries of one device (`bridge -j fdb show dev DEV`)."""
+    return _ns_json(path, "bridge", "-j", "fdb", "show", "dev", dev)
+
+
+def ip_rejection(path: str | os.PathLike[str], *what: str) -> str:
+    """The kernel's extended-ack text as `ip <what>` prints it when the kernel refuses.
+
+    `ip` prints "Error: <text>." for an extended ack; the text is returned without the
+    prefix and the final full stop. Fails if `ip` succeeds.
+    """
+    proc = subprocess.run(["nsenter", f"--net={path}", "ip", *what], capture_output=True, text=True)
+    assert proc.returncode != 0, f"`ip {' '.join(what)}` unexpectedly succeeded"
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("Error: "), proc.stderr
+    return line.removeprefix("Error: ").removesuffix(".")
+
+
+SIOCGSKNS = 0x894C
+
+
+def socket_netns(fd: int) -> str:
+    """The network namespace ("net:[ino]") a socket lives in, asked of the kernel (SIOCGSKNS)."""
+    ns_fd = fcntl.ioctl(fd, SIOCGSKNS)
+    try:
+        return f"net:[{os.fstat(ns_fd).st_ino}]"
+    finally:
+        os.close(ns_fd)
