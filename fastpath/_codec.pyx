@@ -210,13 +210,18 @@ cdef int _put_header(Buf* b, bytes fmt, object values) except -1:
     return 0
 
 
-cdef int _put_attrs(Buf* b, object attrs) except -1:
+cdef int _MAX_NESTING = _m.MAX_NESTING
+
+
+cdef int _put_attrs(Buf* b, object attrs, int depth=0) except -1:
     cdef Py_ssize_t start, length
     cdef uint16_t hdr[2]
     cdef const unsigned char[::1] view
     cdef int kind
     cdef Py_ssize_t size
     cdef const char* utf8
+    if depth > _MAX_NESTING:
+        raise EncodeError(f"attributes nested deeper than {_MAX_NESTING} levels")
     for attr in attrs:
         try:
             if PyTuple_Check(attr) and PyTuple_GET_SIZE(attr) == 3:  # Attr, or a plain tuple
@@ -238,13 +243,16 @@ cdef int _put_attrs(Buf* b, object attrs) except -1:
                     utf8 = PyUnicode_AsUTF8AndSize(value, &size)
                     _put(b, utf8, size)
                 except UnicodeEncodeError:  # lone surrogates: the escaped bytes, as _pycodec
-                    data = value.encode("utf-8", "surrogateescape")
+                    try:
+                        data = value.encode("utf-8", "surrogateescape")
+                    except UnicodeEncodeError as exc:
+                        raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
                     _put(b, <const char*>data, len(data))
             else:
                 raise EncodeError(f"attribute {atype} (kind {kind}): not a str: {value!r}")
             _zeros(b, 1)
         elif kind == K_BYTES:
-            if isinstance(value, str) or isinstance(value, int):
+            if value is None or isinstance(value, str) or isinstance(value, int):
                 raise EncodeError(f"attribute {atype} (kind {kind}): not bytes: {value!r}")
             try:
                 view = value
@@ -257,14 +265,16 @@ cdef int _put_attrs(Buf* b, object attrs) except -1:
                 iter(value)
             except TypeError as exc:
                 raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
-            _put_attrs(b, value)
+            _put_attrs(b, value, depth + 1)
         elif kind == K_IFINFO:
             try:
                 header, inner = value
+                _put_header(b, _IFINFO_FMT, header)
+                _put_attrs(b, inner, depth + 1)
             except (TypeError, ValueError) as exc:
+                if isinstance(exc, EncodeError):
+                    raise
                 raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
-            _put_header(b, _IFINFO_FMT, header)
-            _put_attrs(b, inner)
         elif kind != K_FLAG:
             raise EncodeError(f"attribute {atype}: unknown kind {kind}")
         length = b.len - start
@@ -290,34 +300,39 @@ def encode(messages):
     b.len = 0
     b.cap = 0
     try:
-        _reserve(&b, 4096)
-        for msg in messages:
-            if PyTuple_Check(msg) and PyTuple_GET_SIZE(msg) == 6:  # Message, or a plain tuple
-                mtype = <object>PyTuple_GET_ITEM(msg, 0)
-                flags = <object>PyTuple_GET_ITEM(msg, 1)
-                seq = <object>PyTuple_GET_ITEM(msg, 2)
-                pid = <object>PyTuple_GET_ITEM(msg, 3)
-                header = <object>PyTuple_GET_ITEM(msg, 4)
-                attrs = <object>PyTuple_GET_ITEM(msg, 5)
-            else:
-                mtype, flags, seq, pid, header, attrs = msg
-            fmt = _HEADER_OF_TYPE.get(mtype)
-            if fmt is None:
-                raise EncodeError(f"message type {mtype} has no declared layout")
-            start = b.len
-            _zeros(&b, 16)
-            _put_header(&b, fmt, header)
-            _put_attrs(&b, attrs)
-            try:
-                nlhdr32[0] = <uint32_t>(b.len - start)
-                nlhdr16 = <uint16_t*>&nlhdr32[1]
-                nlhdr16[0] = mtype
-                nlhdr16[1] = flags
-                nlhdr32[2] = seq
-                nlhdr32[3] = pid
-            except (OverflowError, TypeError) as exc:
-                raise EncodeError(f"message type {mtype}: {exc}") from None
-            memcpy(b.data + start, nlhdr32, 16)
+        try:
+            _reserve(&b, 4096)
+            for msg in messages:
+                if PyTuple_Check(msg) and PyTuple_GET_SIZE(msg) == 6:  # Message, or a plain tuple
+                    mtype = <object>PyTuple_GET_ITEM(msg, 0)
+                    flags = <object>PyTuple_GET_ITEM(msg, 1)
+                    seq = <object>PyTuple_GET_ITEM(msg, 2)
+                    pid = <object>PyTuple_GET_ITEM(msg, 3)
+                    header = <object>PyTuple_GET_ITEM(msg, 4)
+                    attrs = <object>PyTuple_GET_ITEM(msg, 5)
+                else:
+                    mtype, flags, seq, pid, header, attrs = msg
+                fmt = _HEADER_OF_TYPE.get(mtype)
+                if fmt is None:
+                    raise EncodeError(f"message type {mtype} has no declared layout")
+                start = b.len
+                _zeros(&b, 16)
+                _put_header(&b, fmt, header)
+                _put_attrs(&b, attrs)
+                try:
+                    nlhdr32[0] = <uint32_t>(b.len - start)
+                    nlhdr16 = <uint16_t*>&nlhdr32[1]
+                    nlhdr16[0] = mtype
+                    nlhdr16[1] = flags
+                    nlhdr32[2] = seq
+                    nlhdr32[3] = pid
+                except (OverflowError, TypeError) as exc:
+                    raise EncodeError(f"message type {mtype}: {exc}") from None
+                memcpy(b.data + start, nlhdr32, 16)
+        except EncodeError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot lay out message: {exc}") from None
         return b.data[:b.len]
     finally:
         free(b.data)
@@ -378,13 +393,15 @@ cdef _Policy _sub_policy(_Policy policy, int atype, str info_kind):
 
 
 cdef list _get_attrs(bytes data, const unsigned char* base, Py_ssize_t off, Py_ssize_t end,
-                     _Policy policy):
+                     _Policy policy, int depth=0):
     cdef list attrs = []
     cdef Py_ssize_t length, vstart, vend, size, nul
     cdef int atype, kind
     cdef const unsigned char* v
     cdef bint is_linkinfo = policy.is_linkinfo
     cdef str info_kind = ""
+    if depth > _MAX_NESTING:
+        raise DecodeError(off, f"attributes nested deeper than {_MAX_NESTING} levels")
     while end - off >= 4:
         length = _u16(base + off)
         atype = _u16(base + off + 2) & 0x3FFF
@@ -415,11 +432,12 @@ cdef list _get_attrs(bytes data, const unsigned char* base, Py_ssize_t off, Py_s
         elif kind == K_BE16 and size == 2:
             value = (v[0] << 8) | v[1]
         elif kind == K_NESTED:
-            value = _get_attrs(data, base, vstart, vend, _sub_policy(policy, atype, info_kind))
+            value = _get_attrs(data, base, vstart, vend, _sub_policy(policy, atype, info_kind),
+                               depth + 1)
         elif kind == K_IFINFO and size >= _IFINFO_SIZE:
             value = (_get_header(v, _IFINFO_FMT),
                      _get_attrs(data, base, vstart + _IFINFO_SIZE, vend,
-                                _sub_policy(policy, atype, info_kind)))
+                                _sub_policy(policy, atype, info_kind), depth + 1))
         elif kind == K_FLAG and size == 0:
             value = None
         else:

@@ -24,6 +24,7 @@ from .messages import (
     IFINFO,
     IFINFOMSG,
     IFLA_INFO_KIND,
+    MAX_NESTING,
     NESTED,
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
@@ -59,12 +60,15 @@ _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 NLA_TYPE_MASK = 0x3FFF
 
 
-def _encode_attrs(out: bytearray, attrs: Sequence[Attr]) -> None:
-    for atype, kind, value in attrs:
+def _encode_attrs(out: bytearray, attrs: Sequence[Attr], depth: int = 0) -> None:
+    if depth > MAX_NESTING:
+        raise EncodeError(f"attributes nested deeper than {MAX_NESTING} levels")
+    for attr in attrs:
         start = len(out)
-        out += b"\0\0\0\0"
-        fixed = _FIXED.get(kind)
         try:
+            atype, kind, value = attr
+            out += b"\0\0\0\0"
+            fixed = _FIXED.get(kind)
             if fixed is not None:
                 out += fixed.pack(value)
             elif kind == STR:
@@ -72,46 +76,48 @@ def _encode_attrs(out: bytearray, attrs: Sequence[Attr]) -> None:
             elif kind == BYTES:
                 out += value
             elif kind == NESTED:
-                _encode_attrs(out, value)
+                _encode_attrs(out, value, depth + 1)
             elif kind == IFINFO:
                 header, inner = value
                 out += _IFINFO.pack(*header)
-                _encode_attrs(out, inner)
+                _encode_attrs(out, inner, depth + 1)
             elif kind != FLAG:
                 raise EncodeError(f"attribute {atype}: unknown kind {kind}")
+            length = len(out) - start
+            if length > 0xFFFF:
+                raise EncodeError(f"attribute {atype} is {length} bytes, over 65535")
+            _NLA.pack_into(out, start, length, atype)
+        except EncodeError:
+            raise
         except (struct.error, TypeError, AttributeError, ValueError) as exc:
-            if isinstance(exc, EncodeError):
-                raise
-            raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
-        length = len(out) - start
-        if length > 0xFFFF:
-            raise EncodeError(f"attribute {atype} is {length} bytes, over 65535")
-        _NLA.pack_into(out, start, length, atype)
+            raise EncodeError(f"attribute {attr!r:.60}: {exc}") from None
         out += _PAD[length & 3]
 
 
 def encode(messages: Sequence[Message]) -> bytes:
     """Lay out a batch of messages back to back, as one sendmsg buffer."""
     out = bytearray()
-    for mtype, flags, seq, pid, header, attrs in messages:
-        start = len(out)
-        out += b"\0" * 16
-        fmt = HEADER_OF_TYPE.get(mtype)
-        if fmt is None:
-            raise EncodeError(f"message type {mtype} has no declared layout")
-        try:
+    try:
+        for msg in messages:
+            mtype, flags, seq, pid, header, attrs = msg
+            start = len(out)
+            out += b"\0" * 16
+            fmt = HEADER_OF_TYPE.get(mtype)
+            if fmt is None:
+                raise EncodeError(f"message type {mtype} has no declared layout")
             out += _HEADERS[fmt].pack(*header)
-        except struct.error as exc:
-            raise EncodeError(f"message type {mtype}: header {header!r}: {exc}") from None
-        _encode_attrs(out, attrs)
-        try:
+            _encode_attrs(out, attrs)
             _NLMSGHDR.pack_into(out, start, len(out) - start, mtype, flags, seq, pid)
-        except struct.error as exc:
-            raise EncodeError(f"message type {mtype}: {exc}") from None
+    except EncodeError:
+        raise
+    except (struct.error, TypeError, ValueError) as exc:
+        raise EncodeError(f"cannot lay out message: {exc}") from None
     return bytes(out)
 
 
-def _decode_attrs(data: bytes, off: int, end: int, policy_name: str) -> list[Attr]:
+def _decode_attrs(data: bytes, off: int, end: int, policy_name: str, depth: int = 0) -> list[Attr]:
+    if depth > MAX_NESTING:
+        raise DecodeError(off, f"attributes nested deeper than {MAX_NESTING} levels")
     policy = POLICIES.get(policy_name, {})
     attrs: list[Attr] = []
     info_kind = ""
@@ -141,14 +147,16 @@ def _decode_attrs(data: bytes, off: int, end: int, policy_name: str) -> list[Att
             sub = entry[2] if entry is not None else ""
             if sub == "linkinfo:":
                 sub = f"linkinfo:{info_kind}"
-            value = _decode_attrs(data, vstart, vend, sub)
+            value = _decode_attrs(data, vstart, vend, sub, depth + 1)
         elif kind == IFINFO:
             if size < _IFINFO.size:
                 kind, value = BYTES, data[vstart:vend]
             else:
                 value = (
                     _IFINFO.unpack_from(data, vstart),
-                    _decode_attrs(data, vstart + _IFINFO.size, vend, entry[2] if entry else ""),
+                    _decode_attrs(
+                        data, vstart + _IFINFO.size, vend, entry[2] if entry else "", depth + 1
+                    ),
                 )
         elif kind == FLAG:
             value = None

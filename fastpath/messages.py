@@ -209,6 +209,7 @@ KIND_NAMES = {
 }
 
 NLA_HDRLEN = 4
+MAX_NESTING = 16  # deeper attribute nesting is refused by both codecs (rtnetlink needs 4)
 NLMSG_HDRLEN = 16
 
 
