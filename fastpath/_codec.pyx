@@ -8,7 +8,13 @@ values are identical to the pure-Python codec's.
 from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.list cimport PyList_CheckExact
 from cpython.object cimport PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
@@ -52,6 +58,8 @@ cdef extern from *:
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
     void PyObject_GC_UnTrack(object o)
+    int PyGC_Disable()
+    int PyGC_Enable()
 
 from . import messages as _m
 from .messages import Attr, DecodeError, EncodeError, Message
@@ -104,6 +112,16 @@ cdef dict _POLICIES = {name: _Policy(name) for name in _m.POLICIES}
 cdef _Policy _EMPTY = _POLICIES[""]
 cdef dict _POLICY_OF_TYPE = {t: _POLICIES[n] for t, n in _m.POLICY_OF_TYPE.items()}
 cdef _Policy _NLMSGERR_POLICY = _POLICIES["nlmsgerr"]
+
+# Per message type (all rtnetlink types are < 128): header format, its size, the policy.
+DEF MAX_TYPE = 128
+cdef list _TYPE_FMT = [None] * MAX_TYPE
+cdef Py_ssize_t _TYPE_HSIZE[MAX_TYPE]
+cdef list _TYPE_POLICY = [_EMPTY] * MAX_TYPE
+for _t, _f in _m.HEADER_OF_TYPE.items():
+    _TYPE_FMT[_t] = _f.encode()
+    _TYPE_HSIZE[_t] = _m.HEADER_SIZE[_f]
+    _TYPE_POLICY[_t] = _POLICIES[_m.POLICY_OF_TYPE.get(_t, "")]
 cdef int _NLMSG_ERROR = _m.NLMSG_ERROR
 cdef int _NLM_F_CAPPED = _m.NLM_F_CAPPED
 cdef int _NLM_F_ACK_TLVS = _m.NLM_F_ACK_TLVS
@@ -251,6 +269,8 @@ cdef int _put_attrs(Buf* b, object attrs, int depth=0) except -1:
             else:
                 raise EncodeError(f"attribute {atype} (kind {kind}): not a str: {value!r}")
             _zeros(b, 1)
+        elif kind == K_BYTES and PyBytes_CheckExact(value):
+            _put(b, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
         elif kind == K_BYTES:
             if value is None or isinstance(value, str) or isinstance(value, int):
                 raise EncodeError(f"attribute {atype} (kind {kind}): not bytes: {value!r}")
@@ -261,10 +281,11 @@ cdef int _put_attrs(Buf* b, object attrs, int depth=0) except -1:
             if view.shape[0]:
                 _put(b, &view[0], view.shape[0])
         elif kind == K_NESTED:
-            try:
-                iter(value)
-            except TypeError as exc:
-                raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
+            if not PyList_CheckExact(value):
+                try:
+                    iter(value)
+                except TypeError as exc:
+                    raise EncodeError(f"attribute {atype} (kind {kind}): {exc}") from None
             _put_attrs(b, value, depth + 1)
         elif kind == K_IFINFO:
             try:
@@ -449,7 +470,21 @@ cdef list _get_attrs(bytes data, const unsigned char* base, Py_ssize_t off, Py_s
 
 
 def decode(data):
-    """Parse a stream of netlink messages; DecodeError on anything malformed."""
+    """Parse a stream of netlink messages; DecodeError on anything malformed.
+
+    The cyclic garbage collector is paused while the result is built: decoding makes
+    many small objects that cannot form cycles, and scanning them as they are born is
+    wasted work (the collector runs as usual afterwards).
+    """
+    cdef int was_enabled = PyGC_Disable()
+    try:
+        return _decode(data)
+    finally:
+        if was_enabled:
+            PyGC_Enable()
+
+
+cdef list _decode(object data):
     cdef bytes buf = bytes(data)
     cdef const unsigned char* base = buf
     cdef Py_ssize_t total = len(buf)
@@ -467,14 +502,14 @@ def decode(data):
             raise DecodeError(off, f"message length {length} does not fit")
         end = off + length
         body = off + 16
-        fmt = _HEADER_OF_TYPE.get(mtype)
+        fmt = _TYPE_FMT[mtype] if mtype < MAX_TYPE else None
         seq = _u32(base + off + 8)
         pid = _u32(base + off + 12)
         if fmt is None:
             out.append(cnm_make6(_MESSAGE_T, mtype, flags, seq, pid, (),
                                  [cnm_make3(_ATTR_T, 0, K_BYTES, buf[body:end])]))
         else:
-            hsize = _HEADER_SIZE[mtype]
+            hsize = _TYPE_HSIZE[mtype]
             if end - body < hsize:
                 raise DecodeError(off, f"message type {mtype} is shorter than its header")
             header = _get_header(base + body, fmt)
@@ -487,7 +522,7 @@ def decode(data):
                 else:
                     attrs = []
             else:
-                attrs = _get_attrs(buf, base, attr_start, end, _POLICY_OF_TYPE.get(mtype, _EMPTY))
+                attrs = _get_attrs(buf, base, attr_start, end, <_Policy>_TYPE_POLICY[mtype])
             out.append(cnm_make6(_MESSAGE_T, mtype, flags, seq, pid, header, attrs))
         off += (length + 3) & ~3
     return out

@@ -13,6 +13,7 @@ anything that overruns its container raises DecodeError.
 
 from __future__ import annotations
 
+import gc
 import struct
 from collections.abc import Sequence
 
@@ -170,7 +171,21 @@ def _decode_attrs(data: bytes, off: int, end: int, policy_name: str, depth: int 
 
 
 def decode(data: bytes) -> list[Message]:
-    """Parse a stream of netlink messages; DecodeError on anything malformed."""
+    """Parse a stream of netlink messages; DecodeError on anything malformed.
+
+    The cyclic garbage collector is paused while the result is built (as the native
+    codec does): decoding makes many small objects that cannot form cycles.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(data)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _decode(data: bytes) -> list[Message]:
     data = bytes(data)
     out: list[Message] = []
     off = 0
