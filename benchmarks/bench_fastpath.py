@@ -85,6 +85,7 @@ def test_codec_10000_messages(benchmark) -> None:
 
     batch = attach_messages(2500)
     assert _codec.encode(batch) == _pycodec.encode(batch)
+    settle()
     times: list[float] = []
     benchmark.pedantic(
         timed(lambda: _codec.decode(_codec.encode(batch)), times), rounds=5, iterations=1
