@@ -8,35 +8,17 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
+from .handle import Handle
 from .types import EndpointRecord
 
 if TYPE_CHECKING:
-    from .controller import NetworkController
     from .network import Network
     from .sandbox import Sandbox
 
 
-class Endpoint:
-    def __init__(self, ctl: NetworkController, record: EndpointRecord) -> None:
-        self._ctl = ctl
-        self._rec = record
-
+class Endpoint(Handle[EndpointRecord]):
     def __repr__(self) -> str:
         return f"<Endpoint {self.name} {self.id[:12]} network={self._rec.network_id[:12]}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Endpoint) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def record(self) -> EndpointRecord:
-        return self._rec
-
-    @property
-    def id(self) -> str:
-        return self._rec.id
 
     @property
     def name(self) -> str:

@@ -10,34 +10,16 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .handle import Handle
 from .types import NetworkRecord, as_list
 
 if TYPE_CHECKING:
-    from .controller import NetworkController
     from .endpoint import Endpoint
 
 
-class Network:
-    def __init__(self, ctl: NetworkController, record: NetworkRecord) -> None:
-        self._ctl = ctl
-        self._rec = record
-
+class Network(Handle[NetworkRecord]):
     def __repr__(self) -> str:
         return f"<Network {self.name} {self.id[:12]} driver={self.driver}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Network) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def record(self) -> NetworkRecord:
-        return self._rec
-
-    @property
-    def id(self) -> str:
-        return self._rec.id
 
     @property
     def name(self) -> str:

@@ -8,34 +8,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .handle import Handle
 from .types import SandboxRecord
 
 if TYPE_CHECKING:
-    from .controller import NetworkController
     from .endpoint import Endpoint
 
 
-class Sandbox:
-    def __init__(self, ctl: NetworkController, record: SandboxRecord) -> None:
-        self._ctl = ctl
-        self._rec = record
-
+class Sandbox(Handle[SandboxRecord]):
     def __repr__(self) -> str:
         return f"<Sandbox {self.id[:12]} container={self.container_id}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sandbox) and other.id == self.id
-
-    def __hash__(self) -> int:
-        return hash(self.id)
-
-    @property
-    def record(self) -> SandboxRecord:
-        return self._rec
-
-    @property
-    def id(self) -> str:
-        return self._rec.id
 
     @property
     def container_id(self) -> str:
