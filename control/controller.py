@@ -15,6 +15,7 @@ created explicitly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -26,14 +27,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cnm import fastpath
+from cnm.fastpath.bulk import Route
 
 from . import errors
 from .driverapi import (
+    BulkJoin,
     Driver,
     EndpointInfo,
     ExternalConnectivity,
     InterfaceInfo,
+    JoinInfo,
     NetworkInfo,
+    Restorable,
     SandboxInfo,
 )
 from .drivers import DriverRegistry, builtin_registry
@@ -49,6 +54,9 @@ from .ipam.api import (
 from .ipam.default import DefaultIpam
 from .network import Network
 from .osl import NamespaceStore
+from .osl.firewall import Firewall
+from .osl.interfaces import InterfaceConfig, SandboxInterfaces
+from .osl.links import HostLinks
 from .sandbox import Sandbox
 from .store import SQLiteStore
 from .types import (
@@ -72,6 +80,7 @@ from .types import (
 )
 
 _log = logging.getLogger(__name__)
+REAP_DELAY = 0.05  # seconds a burst of leaves has to join one group delete
 
 DEFAULT_PLUGIN_DIRS = ("/run/docker/plugins", "/etc/docker/plugins", "/usr/lib/docker/plugins")
 _HOSTNAME_RE = re.compile(
@@ -127,17 +136,40 @@ class NetworkController:
         self.run_dir = run_dir
         self._store = SQLiteStore(state_dir)
         self._ipam: dict[str, IpamDriver] = {"default": DefaultIpam(self._store)}
-        self._registry: DriverRegistry = builtin_registry()
+        self._links = HostLinks(backend=self.fastpath)
+        self._interfaces = SandboxInterfaces(backend=self.fastpath)
+        self._registry: DriverRegistry = builtin_registry(self._links, Firewall())
         self._namespaces = NamespaceStore(run_dir)
         self._lock = threading.RLock()
+        self._announced: set[tuple[str, str]] = set()
         self._closed = False
+        self._reaper = threading.Thread(target=self._reap_loop, name="cnm-reaper", daemon=True)
+        self._reaper.start()
 
     # --- life of the controller ----------------------------------------------------------
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._links.wake()
+            self._reaper.join()
+            self._reap()
             self._store.close()
+
+    def _reap(self) -> None:
+        if self._links.pending:
+            try:
+                self._links.reap()
+            except errors.CNMError as exc:
+                _log.warning("deferred device deletion failed: %s", exc)
+
+    def _reap_loop(self) -> None:
+        """Deferred device deletion: host ends retired by leaves are deleted in groups,
+        off the callers' path (one RCU wait for many devices)."""
+        while not self._closed:
+            if self._links.wait(timeout=1.0) and not self._closed:
+                time.sleep(REAP_DELAY)  # let a burst of leaves join the same group delete
+                self._reap()
 
     def __enter__(self) -> NetworkController:
         return self
@@ -170,6 +202,27 @@ class NetworkController:
 
     def _driver(self, name: str) -> Driver:
         return self._registry.get(name)
+
+    def _network_info(self, rec: NetworkRecord, drv: Driver) -> NetworkInfo:
+        return NetworkInfo(
+            id=rec.id,
+            name=rec.name,
+            options=drv.options_type.parse(rec.options, driver=rec.driver),
+            ipv4=rec.ipv4,
+            ipv6=rec.ipv6,
+            enable_ipv6=rec.enable_ipv6,
+            internal=rec.internal,
+            labels=rec.labels,
+        )
+
+    def _driver_for(self, rec: NetworkRecord) -> Driver:
+        """The network's driver, told about the network first if it keeps state in memory
+        (a network created before this controller started, or by another process)."""
+        drv = self._driver(rec.driver)
+        if isinstance(drv, Restorable) and (drv.name, rec.id) not in self._announced:
+            drv.restore_network(self._network_info(rec, drv))
+            self._announced.add((drv.name, rec.id))
+        return drv
 
     # --- look-ups ------------------------------------------------------------------------
 
@@ -348,6 +401,7 @@ class NetworkController:
             )
             try:
                 drv.create_network(info)
+                self._announced.add((drv.name, net_id))
             except BaseException:
                 with self._store.tx():
                     self._release_network_pools(rec)
@@ -426,7 +480,8 @@ class NetworkController:
                     raise errors.Conflict(f"network {rec.name!r} is still being created")
                 self._store.set_network_state(rec.id, "deleting")
             try:
-                self._driver(rec.driver).delete_network(rec.id)
+                self._driver_for(rec).delete_network(rec.id)
+                self._announced.discard((rec.driver, rec.id))
             except BaseException:
                 self._store.set_network_state(rec.id, "ready")
                 raise
@@ -489,7 +544,7 @@ class NetworkController:
                     )
                     ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
                 self._store.put_endpoints(records)
-            drv = self._driver(rec.driver)
+            drv = self._driver_for(rec)
             done: list[EndpointRecord] = []
             try:
                 for ep, iface in zip(records, ifaces, strict=True):
@@ -589,7 +644,7 @@ class NetworkController:
                 assert net is not None
                 nets[net.id] = net
                 try:
-                    self._driver(net.driver).delete_endpoint(net.id, r.id)
+                    self._driver_for(net).delete_endpoint(net.id, r.id)
                 except Exception as exc:
                     failures.append(exc)
                     continue
@@ -691,6 +746,7 @@ class NetworkController:
                         )
                     claimed.add((sb.id, net.id))
                     plans.append(_JoinPlan(rec, net, sb))
+                self._check_ports(plans)
                 self._store.put_sandboxes(list(new_sandboxes.values()))
                 self._store.put_endpoints(
                     [
@@ -700,22 +756,25 @@ class NetworkController:
                 )
             created: list[SandboxRecord] = []
             joined: list[_JoinPlan] = []
+            ifnames: dict[str, str] = {}
             try:
                 self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
                 created.extend(new_sandboxes.values())
+                infos = self._driver_joins(plans, joined)
+                wanted = [
+                    (p, info)
+                    for p, info in zip(plans, infos, strict=True)
+                    if info.src_name is not None
+                ]
+                outcomes = self._interfaces.add(
+                    [(p.sandbox.key, _interface_config(p.endpoint, info)) for p, info in wanted]
+                )
+                for (p, _), outcome in zip(wanted, outcomes, strict=True):
+                    if isinstance(outcome, errors.CNMError):
+                        raise outcome
+                    ifnames[p.endpoint.id] = outcome
                 for p in plans:
                     drv = self._driver(p.network.driver)
-                    info = drv.join(
-                        p.network.id,
-                        p.endpoint.id,
-                        SandboxInfo(p.sandbox.id, p.sandbox.key, p.sandbox.container_id),
-                    )
-                    joined.append(p)
-                    if info.src_name is not None:
-                        raise errors.Unsupported(
-                            f"driver {drv.name!r} returned interface {info.src_name!r}; moving "
-                            "interfaces into sandboxes is not part of this build yet"
-                        )
                     if isinstance(drv, ExternalConnectivity):
                         drv.program_external_connectivity(
                             p.network.id, p.endpoint.id, p.endpoint.options
@@ -726,7 +785,14 @@ class NetworkController:
             with self._store.tx():
                 self._store.put_endpoints(
                     [
-                        replace(p.endpoint, sandbox_id=p.sandbox.id, join_state="joined")
+                        replace(
+                            p.endpoint,
+                            sandbox_id=p.sandbox.id,
+                            join_state="joined",
+                            driver_data=_with_ifname(
+                                p.endpoint.driver_data, ifnames.get(p.endpoint.id)
+                            ),
+                        )
                         for p in plans
                     ]
                 )
@@ -734,6 +800,64 @@ class NetworkController:
                     [replace(sb, state="ready") for sb in new_sandboxes.values()]
                 )
             return [p.sandbox.key for p in plans]
+
+    def _check_ports(self, plans: list[_JoinPlan]) -> None:
+        """Refuse, before the kernel does, a join past a driver's port limit (a Linux
+        bridge takes 1024 ports)."""
+        adding: dict[str, int] = {}
+        for p in plans:
+            adding[p.network.id] = adding.get(p.network.id, 0) + 1
+        for net_id, count in adding.items():
+            net = next(p.network for p in plans if p.network.id == net_id)
+            limit = getattr(self._driver(net.driver), "max_ports", None)
+            if limit is None:
+                continue
+            joined = sum(1 for e in self._store.endpoints(net_id) if e.join_state)
+            if joined + count > limit:
+                raise errors.PortsExhausted(net.name, limit)
+
+    def _driver_joins(self, plans: list[_JoinPlan], joined: list[_JoinPlan]) -> list[JoinInfo]:
+        """Each plan's driver join (in one batch per driver that can); every success is
+        appended to `joined` for rollback, the first failure raised."""
+        infos: list[JoinInfo | None] = [None] * len(plans)
+        first_error: BaseException | None = None
+        by_driver: dict[str, list[int]] = {}
+        for i, p in enumerate(plans):
+            by_driver.setdefault(p.network.driver, []).append(i)
+        for idxs in by_driver.values():
+            drv = self._driver_for(plans[idxs[0]].network)
+            for i in idxs:  # announce every network of this driver
+                self._driver_for(plans[i].network)
+            items = [
+                (
+                    plans[i].network.id,
+                    plans[i].endpoint.id,
+                    SandboxInfo(
+                        plans[i].sandbox.id, plans[i].sandbox.key, plans[i].sandbox.container_id
+                    ),
+                )
+                for i in idxs
+            ]
+            if isinstance(drv, BulkJoin):
+                outcomes: list[Any] = drv.join_many(items)
+            else:
+                outcomes = []
+                for item in items:
+                    try:
+                        outcomes.append(drv.join(*item))
+                    except Exception as exc:  # roll back the ones before, then raise it
+                        outcomes.append(exc)
+                        break
+            for i, outcome in zip(idxs, outcomes, strict=False):
+                if isinstance(outcome, BaseException):
+                    first_error = first_error or outcome
+                else:
+                    infos[i] = outcome
+                    joined.append(plans[i])
+        if first_error is not None:
+            raise first_error
+        assert all(info is not None for info in infos)
+        return infos  # type: ignore[return-value]
 
     def _check_sandbox_handle(self, target: object) -> None:
         """A Sandbox handle must still name a live sandbox, not just a container id."""
@@ -749,6 +873,19 @@ class NetworkController:
         new_sandboxes: list[SandboxRecord],
     ) -> None:
         problems = 0
+        fresh = {sb.id for sb in new_sandboxes}
+        survivors = [p for p in joined if p.sandbox.id not in fresh]
+        if survivors:
+            # Whatever name the interface reached inside a sandbox that stays.
+            items = [
+                (p.sandbox.key, n)
+                for p in survivors
+                for n in _join_names(p.endpoint.id, p.network.driver)
+            ]
+            for outcome in self._interfaces.retire(items):
+                if outcome is not None and outcome.errno not in (errno.ENODEV,):
+                    problems += 1
+                    exc.add_note(f"rollback: {outcome}")
         for p in reversed(joined):
             drv = self._driver(p.network.driver)
             try:
@@ -800,21 +937,19 @@ class NetworkController:
                     leaving.append((rec, net, sb))
                 self._store.put_endpoints([replace(r, join_state="leaving") for r, _, _ in leaving])
             failures: list[Exception] = []
-            left: list[tuple[EndpointRecord, SandboxRecord]] = []
-            for rec, net, sb in leaving:
-                drv = self._driver(net.driver)
-                try:
-                    if isinstance(drv, ExternalConnectivity):
-                        drv.revoke_external_connectivity(net.id, rec.id)
-                    drv.leave(net.id, rec.id)
-                except Exception as exc:
-                    failures.append(exc)
-                    continue
-                left.append((rec, sb))
+            left = self._leave_kernel(leaving, failures)
             empty: dict[str, SandboxRecord] = {}
             with self._store.tx():
                 self._store.put_endpoints(
-                    [replace(r, sandbox_id=None, join_state="") for r, _ in left]
+                    [
+                        replace(
+                            r,
+                            sandbox_id=None,
+                            join_state="",
+                            driver_data=_with_ifname(r.driver_data, None),
+                        )
+                        for r, _ in left
+                    ]
                 )
                 for _, sb in left:
                     if not sb.explicit and not self._store.endpoints(sandbox_id=sb.id):
@@ -822,6 +957,59 @@ class NetworkController:
                 self._store.put_sandboxes(list(empty.values()))
             self._delete_sandbox_namespaces(list(empty.values()), failures)
             _raise_all(failures, "leave")
+
+    def _leave_kernel(
+        self,
+        leaving: list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]],
+        failures: list[Exception],
+    ) -> list[tuple[EndpointRecord, SandboxRecord]]:
+        """Undo joins in the kernel; returns the ones that left, failures appended."""
+        ids = {r.id for r, _, _ in leaving}
+        doomed = {
+            sb.id
+            for _, _, sb in leaving
+            if not sb.explicit and all(e.id in ids for e in self._store.endpoints(sandbox_id=sb.id))
+        }
+        # In a sandbox that stays, the interface is renamed away and its addresses
+        # dropped now, so its name and addresses can be handed out again at once; the
+        # device itself goes with the driver's deferred deletion.
+        retire = [
+            (sb.key, r.driver_data["ifname"])
+            for r, _, sb in leaving
+            if sb.id not in doomed and r.driver_data.get("ifname")
+        ]
+        if retire:
+            failures.extend(e for e in self._interfaces.retire(retire) if e is not None)
+        left: list[tuple[EndpointRecord, SandboxRecord]] = []
+        by_driver: dict[str, list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]]] = {}
+        for item in leaving:
+            by_driver.setdefault(item[1].driver, []).append(item)
+        for group in by_driver.values():
+            drv = self._driver_for(group[0][1])
+            for _, net, _ in group:
+                self._driver_for(net)
+            if isinstance(drv, ExternalConnectivity):
+                for rec, net, _ in group:
+                    try:
+                        drv.revoke_external_connectivity(net.id, rec.id)
+                    except Exception as exc:
+                        failures.append(exc)
+            if isinstance(drv, BulkJoin):
+                try:
+                    drv.leave_many([(net.id, rec.id) for rec, net, _ in group])
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                left.extend((rec, sb) for rec, _, sb in group)
+                continue
+            for rec, net, sb in group:
+                try:
+                    drv.leave(net.id, rec.id)
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                left.append((rec, sb))
+        return left
 
     def _delete_sandbox_namespaces(
         self, sandboxes: list[SandboxRecord], failures: list[Exception]
@@ -936,6 +1124,47 @@ def _unique_records(ctl: NetworkController, endpoints: Sequence[Endpoint]) -> li
     for ep in endpoints:
         recs[ep.id] = ctl._endpoint_record(ep.id)
     return list(recs.values())
+
+
+def _with_ifname(data: Mapping[str, object], ifname: str | None) -> dict[str, object]:
+    out = {k: v for k, v in data.items() if k != "ifname"}
+    if ifname is not None:
+        out["ifname"] = ifname
+    return out
+
+
+def _join_names(endpoint_id: str, driver: str) -> list[str]:
+    """Names a half-made interface may have in its sandbox (rollback of a failed join)."""
+    if driver == "bridge":
+        from .drivers.bridge import peer_name
+
+        return [peer_name(endpoint_id)]
+    return []
+
+
+def _interface_config(ep: EndpointRecord, info: JoinInfo) -> InterfaceConfig:
+    addresses: list[Any] = []
+    if ep.ipv4_address:
+        addresses.append(ipaddress.IPv4Interface(ep.ipv4_address))
+    if ep.ipv6_address:
+        addresses.append(ipaddress.IPv6Interface(ep.ipv6_address))
+    routes = tuple(
+        Route(
+            ipaddress.ip_network(r.destination, strict=False),
+            r.next_hop if r.route_type == 0 else None,
+        )
+        for r in info.static_routes
+    )
+    return InterfaceConfig(
+        src_name=info.src_name or "",
+        in_sandbox=info.in_sandbox,
+        dst_prefix=info.dst_prefix,
+        mac=ep.mac_address or None,
+        addresses=tuple(addresses),
+        gateway=info.gateway,
+        gateway6=info.gateway_ipv6,
+        routes=routes,
+    )
 
 
 def _check_endpoints(endpoints: Sequence[object]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 
@@ -103,10 +103,12 @@ class JoinInfo:
     """What a driver hands back from join for the sandbox layer to apply.
 
     `src_name` is an interface the driver made on the host (or already in the sandbox),
-    to be moved in and renamed `dst_prefix` + lowest free index. None: no interface.
+    to be moved in (unless `in_sandbox`: made there directly, the fast path) and renamed
+    `dst_prefix` + lowest free index. None: no interface.
     """
 
     src_name: str | None = None
+    in_sandbox: bool = False  # the driver made src_name inside the sandbox already
     dst_prefix: str = "eth"
     gateway: IPAddress | None = None
     gateway_ipv6: IPAddress | None = None
@@ -246,3 +248,22 @@ class Reconcilable(Protocol):
     def reconcile(
         self, networks: list[NetworkRecord], endpoints: list[EndpointRecord]
     ) -> list[Repair]: ...
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """A driver that keeps per-network state in memory and must be told, after a
+    restart or in another process, about networks created earlier."""
+
+    def restore_network(self, network: NetworkInfo) -> None: ...
+
+
+@runtime_checkable
+class BulkJoin(Protocol):
+    """A driver that joins and leaves many endpoints in one kernel batch."""
+
+    def join_many(self, items: Sequence[tuple[str, str, SandboxInfo]]) -> list[Any]:
+        """Per item a JoinInfo or the CNMError it met."""
+        ...
+
+    def leave_many(self, items: Sequence[tuple[str, str]]) -> None: ...

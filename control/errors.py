@@ -134,6 +134,16 @@ class PoolExhausted(Unavailable):
         self.pool = pool
 
 
+class PortsExhausted(Unavailable):
+    def __init__(self, network: str, limit: int) -> None:
+        super().__init__(
+            f"network {network!r} already has {limit} endpoints joined: a Linux bridge "
+            f"takes at most {limit} ports"
+        )
+        self.network = network
+        self.limit = limit
+
+
 class NoFreePool(Unavailable):
     def __init__(self, family: str) -> None:
         super().__init__(f"no free {family} default address pool left")
@@ -197,6 +207,7 @@ __all__ = [
     "PluginError",
     "PoolExhausted",
     "PoolOverlap",
+    "PortsExhausted",
     "SandboxNotFound",
     "StoreError",
     "Unavailable",

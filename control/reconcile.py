@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from .controller import _interface_config
 from .driverapi import Driver, ExternalConnectivity, Reconcilable, SandboxInfo
 from .ipam.default import DefaultIpam
 from .types import EndpointRecord, NetworkRecord, Repair, SandboxRecord
@@ -83,6 +84,9 @@ class _Repairer:
     def driver(self, name: str) -> Driver:
         return self.ctl.registry.get(name)
 
+    def driver_for(self, net: NetworkRecord) -> Driver:
+        return self.ctl._driver_for(net)
+
     def run(self) -> ReconcileReport:
         self.endpoints()
         self.sandboxes()
@@ -112,7 +116,7 @@ class _Repairer:
             ):
 
                 def leave(ep: EndpointRecord = ep, net: NetworkRecord = net) -> None:
-                    drv = self.driver(net.driver)
+                    drv = self.driver_for(net)
                     if isinstance(drv, ExternalConnectivity):
                         drv.revoke_external_connectivity(ep.network_id, ep.id)
                     drv.leave(ep.network_id, ep.id)
@@ -128,7 +132,7 @@ class _Repairer:
             if ep.state in ("creating", "deleting") and not ep.join_state:
 
                 def delete(ep: EndpointRecord = ep, net: NetworkRecord = net) -> None:
-                    self.driver(net.driver).delete_endpoint(ep.network_id, ep.id)
+                    self.driver_for(net).delete_endpoint(ep.network_id, ep.id)
 
                 if not _attempt(report, f"delete endpoint {ep.id}", delete):
                     continue
@@ -172,10 +176,16 @@ class _Repairer:
                 for ep in eps:
                     net = store.network_by_id(ep.network_id)
                     assert net is not None
-                    drv = self.driver(net.driver)
+                    drv = self.driver_for(net)
                     with contextlib.suppress(Exception):
                         drv.leave(net.id, ep.id)
-                    drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
+                    info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
+                    if info.src_name is not None:
+                        outcome = self.ctl._interfaces.add([(sb.key, _interface_config(ep, info))])[
+                            0
+                        ]
+                        if isinstance(outcome, errors.CNMError):
+                            raise outcome
 
             if _attempt(report, f"recreate namespace {sb.key}", rejoin):
                 report.add(
@@ -195,7 +205,7 @@ class _Repairer:
                 continue
 
             def delete(net: NetworkRecord = net) -> None:
-                self.driver(net.driver).delete_network(net.id)
+                self.driver_for(net).delete_network(net.id)
 
             if not _attempt(report, f"delete network {net.name}", delete):
                 continue
@@ -245,6 +255,8 @@ class _Repairer:
             if not isinstance(drv, Reconcilable):
                 continue
             mine = [n for n in nets if n.driver == name]
+            for n in mine:
+                self.ctl._driver_for(n)  # a driver with state in memory learns every network
             ids = {n.id for n in mine}
             try:
                 self.report.repairs.extend(

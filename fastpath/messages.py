@@ -98,6 +98,11 @@ IFLA_PERM_ADDRESS = 54
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_KIND = 4
+IFLA_INFO_SLAVE_DATA = 5
+
+IFLA_BRPORT_MODE = 4  # hairpin
+IFLA_BRPORT_LEARNING = 8
+IFLA_BRPORT_ISOLATED = 33
 
 VETH_INFO_PEER = 1
 
@@ -302,6 +307,13 @@ POLICIES: dict[str, Policy] = {
         IFLA_INFO_KIND: ("IFLA_INFO_KIND", STR, ""),
         IFLA_INFO_DATA: ("IFLA_INFO_DATA", NESTED, "linkinfo:"),
         IFLA_INFO_SLAVE_KIND: ("IFLA_INFO_SLAVE_KIND", STR, ""),
+        IFLA_INFO_SLAVE_DATA: ("IFLA_INFO_SLAVE_DATA", NESTED, "brport"),
+    },
+    # A bridge port's settings (the only enslaving kind cnm programs).
+    "brport": {
+        IFLA_BRPORT_MODE: ("IFLA_BRPORT_MODE", U8, ""),
+        IFLA_BRPORT_LEARNING: ("IFLA_BRPORT_LEARNING", U8, ""),
+        IFLA_BRPORT_ISOLATED: ("IFLA_BRPORT_ISOLATED", U8, ""),
     },
     "linkinfo:veth": {
         VETH_INFO_PEER: ("VETH_INFO_PEER", IFINFO, "link"),

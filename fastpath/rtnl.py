@@ -196,9 +196,33 @@ def link_set(
     return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(index, up), attrs)
 
 
+def bridge_port(name: str, *, hairpin: bool | None = None,
+                isolated: bool | None = None) -> Message:
+    """Settings of a bridge port, by its name: hairpin mode, isolation (no traffic to
+    other isolated ports: how a bridge keeps its containers apart)."""
+    data: list[Attr] = []
+    if hairpin is not None:
+        data.append(Attr(m.IFLA_BRPORT_MODE, m.U8, int(hairpin)))
+    if isolated is not None:
+        data.append(Attr(m.IFLA_BRPORT_ISOLATED, m.U8, int(isolated)))
+    attrs = [
+        Attr(m.IFLA_IFNAME, m.STR, name),
+        Attr(m.IFLA_LINKINFO, m.NESTED, [Attr(m.IFLA_INFO_SLAVE_DATA, m.NESTED, data)]),
+    ]
+    return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(), attrs)
+
+
 def link_get(name: str) -> Message:
     """One link by name (answered with an RTM_NEWLINK, or an error)."""
     return Message(m.RTM_GETLINK, REQUEST, 0, 0, _ifinfo(), [Attr(m.IFLA_IFNAME, m.STR, name)])
+
+
+def link_set_by_name(name: str, *, up: bool | None = None, master: int | None = None,
+                     group: int | None = None) -> Message:
+    """Change a link found by its name (no index look-up needed; renaming needs one)."""
+    attrs = [Attr(m.IFLA_IFNAME, m.STR, name)]
+    attrs += _link_attrs(master=master, group=group)
+    return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(0, up), attrs)
 
 
 def link_del(index: int = 0, *, name: str | None = None) -> Message:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 from .. import errors
 from ..driverapi import Driver
+from ..osl.firewall import Firewall
+from ..osl.links import HostLinks
 from ..types import validate_name
 
 Resolver = Callable[[str], Driver | None]
@@ -54,9 +56,12 @@ class DriverRegistry:
             return list(self._drivers)
 
 
-def builtin_registry() -> DriverRegistry:
+def builtin_registry(links: HostLinks, firewall: Firewall) -> DriverRegistry:
+    """The drivers built in: null and bridge (which works through osl's links/firewall)."""
+    from .bridge import BridgeDriver
     from .null import NullDriver
 
     registry = DriverRegistry()
     registry.register(NullDriver())
+    registry.register(BridgeDriver(links, firewall))
     return registry

@@ -1,0 +1,175 @@
+"""Host-side links: bridges, the host ends of veth pairs, and deferred deletion.
+
+Owns the devices the drivers keep in the host namespace. Deleting a device makes the
+caller wait out the kernel's RCU grace period (about 20 ms each), so a leave never
+deletes: it takes the host end down, off its bridge and into the graveyard group, and
+`reap()` deletes the whole group with one message (one grace period for all). Host-end
+names are unique per join, so a dying device never blocks a new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cnm.fastpath import records, rtnl
+from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
+
+from .. import errors
+from .interfaces import kernel_error
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+GRAVEYARD_GROUP = 0x636E6D01  # "cnm" + 1: host ends waiting for their batched deletion
+
+
+@dataclass(frozen=True)
+class VethIntoSandbox:
+    host_name: str
+    sandbox_key: str
+    peer_name: str  # a temporary name inside the sandbox; osl renames it on configure
+    master: int
+    mtu: int | None = None
+    hairpin: bool = False
+    isolated: bool = False
+
+
+class HostLinks:
+    def __init__(self, backend: str | None = None) -> None:
+        self.backend = backend
+        self._pending = threading.Event()
+
+    @property
+    def sock(self) -> NetlinkSocket:
+        return socket_for(None, backend=self.backend)
+
+    def index(self, name: str) -> int | None:
+        try:
+            return records.link_record(self.sock.get(rtnl.link_get(name))).index
+        except NetlinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise kernel_error(exc, f"look up {name}") from None
+
+    def links(self) -> list[records.LinkRecord]:
+        try:
+            return [records.link_record(m) for m in self.sock.dump(rtnl.dump_links())]
+        except NetlinkError as exc:
+            raise kernel_error(exc, "dump links") from None
+
+    def create_bridge(self, name: str, *, mtu: int | None, addresses: Sequence[IPInterface]) -> int:
+        """A bridge with its gateway addresses, up; on any failure nothing is left."""
+        try:
+            self.sock.request(rtnl.bridge(name, mtu=mtu, up=False))
+        except NetlinkError as exc:
+            if exc.errno == errno.EEXIST:
+                raise errors.NameInUse("bridge", name) from None
+            raise kernel_error(exc, f"create bridge {name}") from None
+        try:
+            index = self.index(name)
+            assert index is not None
+            reqs = [rtnl.addr_add(index, a) for a in addresses]
+            reqs.append(rtnl.link_set(index, up=True))
+            self.sock.execute(reqs).raise_first()
+            return index
+        except BaseException as exc:
+            self.delete(name)
+            if isinstance(exc, NetlinkError):
+                raise kernel_error(exc, f"configure bridge {name}") from None
+            raise
+
+    def delete(self, name: str) -> bool:
+        """Delete a link by name now; False when it did not exist."""
+        try:
+            self.sock.request(rtnl.link_del(name=name))
+            return True
+        except NetlinkError as exc:
+            if exc.errno == errno.ENODEV:
+                return False
+            raise kernel_error(exc, f"delete {name}") from None
+
+    def veths(self, items: Sequence[VethIntoSandbox]) -> list[errors.CNMError | None]:
+        """Create veth pairs, each peer straight inside its sandbox, host end on its
+        bridge and up, port settings applied: one batch. Per item None or its error."""
+        fds: list[int] = []
+        try:
+            for it in items:
+                fds.append(os.open(it.sandbox_key, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise kernel_error(exc, "open sandbox") from None
+        reqs = []
+        owner: list[int] = []
+        for i, (it, fd) in enumerate(zip(items, fds, strict=True)):
+            reqs.append(
+                rtnl.veth(
+                    rtnl.VethSpec(
+                        name=it.host_name,
+                        peer_name=it.peer_name,
+                        peer_netns_fd=fd,
+                        master=it.master,
+                        mtu=it.mtu,
+                        up=True,
+                    )
+                )
+            )
+            owner.append(i)
+            if it.hairpin or it.isolated:
+                reqs.append(
+                    rtnl.bridge_port(
+                        it.host_name, hairpin=it.hairpin or None, isolated=it.isolated or None
+                    )
+                )
+                owner.append(i)
+        try:
+            result = self.sock.execute(reqs)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        out: list[errors.CNMError | None] = [None] * len(items)
+        for k, exc in sorted(result.errors.items()):
+            i = owner[k]
+            if out[i] is None:
+                out[i] = kernel_error(exc, f"create {items[i].host_name}")
+        # An item whose port settings failed still has its pair: remove it.
+        for i, err in enumerate(out):
+            if err is not None:
+                self.delete(items[i].host_name)
+        return out
+
+    def retire(self, names: Sequence[str]) -> None:
+        """Detach host ends now and leave their deletion to reap() (see the module doc)."""
+        if not names:
+            return
+        reqs = [rtnl.link_set_by_name(n, up=False, master=0, group=GRAVEYARD_GROUP) for n in names]
+        result = self.sock.execute(reqs)
+        failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
+        self._pending.set()
+        if failed:
+            k = min(failed)
+            raise kernel_error(failed[k], f"retire {names[k]}")
+
+    @property
+    def pending(self) -> bool:
+        return self._pending.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Block until something was retired (or wake() was called), up to timeout."""
+        return self._pending.wait(timeout)
+
+    def wake(self) -> None:
+        self._pending.set()
+
+    def reap(self) -> None:
+        """Delete every retired host end with one message (one RCU wait for them all)."""
+        self._pending.clear()
+        try:
+            self.sock.request(rtnl.group_del(GRAVEYARD_GROUP))
+        except NetlinkError as exc:
+            if exc.errno != errno.ENODEV:
+                raise kernel_error(exc, "delete retired devices") from None
