@@ -812,8 +812,7 @@ class NetworkController:
             limit = getattr(self._driver(net.driver), "max_ports", None)
             if limit is None:
                 continue
-            joined = sum(1 for e in self._store.endpoints(net_id) if e.join_state)
-            if joined + count > limit:
+            if self._store.count_joined(net_id) + count > limit:
                 raise errors.PortsExhausted(net.name, limit)
 
     def _driver_joins(self, plans: list[_JoinPlan], joined: list[_JoinPlan]) -> list[JoinInfo]:

@@ -259,5 +259,12 @@ class Firewall:
                     {"flush": _obj("chain", name=chain)},
                     {"delete": _obj("chain", name=chain)},
                 ]
+        members: list[Any] = []
+        for item in existing:
+            if item.get("set", {}).get("name") == "bridges":
+                members = item["set"].get("elem", [])
+        if existing and (not members or members == [bridge]):
+            # The last network: the whole table goes, leaving nothing of cnm behind.
+            cmds = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]
         if cmds:
             self._apply(cmds, f"remove firewall rules of network {network_id[:12]}")

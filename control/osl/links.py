@@ -42,10 +42,14 @@ class HostLinks:
     def __init__(self, backend: str | None = None) -> None:
         self.backend = backend
         self._pending = threading.Event()
+        self._sock: NetlinkSocket | None = None
 
     @property
     def sock(self) -> NetlinkSocket:
-        return socket_for(None, backend=self.backend)
+        # The host namespace's socket, looked up once (socket_for stats the namespace).
+        if self._sock is None:
+            self._sock = socket_for(None, backend=self.backend)
+        return self._sock
 
     def index(self, name: str) -> int | None:
         try:

@@ -50,9 +50,12 @@ def _echo(dst: IPAddress, timeout: float) -> float:
             if not select.select([sock], [], [], left)[0]:
                 break
             data, _ = sock.recvfrom(2048)
-            icmp = data[(data[0] & 0x0F) * 4:] if dst.version == 4 else data
-            if len(icmp) >= 8 + len(payload) and icmp[0] == reply_type and \
-                    icmp[8:8 + len(payload)] == payload:
+            icmp = data[(data[0] & 0x0F) * 4 :] if dst.version == 4 else data
+            if (
+                len(icmp) >= 8 + len(payload)
+                and icmp[0] == reply_type
+                and icmp[8 : 8 + len(payload)] == payload
+            ):
                 return time.monotonic() - start
     raise TimeoutError(f"no echo reply from {dst} within {timeout}s")
 
@@ -68,5 +71,6 @@ def ping(key: str, dst: IPAddress | str, *, timeout: float = 1.0) -> float:
     except TimeoutError as exc:
         raise errors.Unavailable(f"ping {target} from {key}: {exc}") from None
     except OSError as exc:
-        raise errors.KernelError(exc.errno or 0, exc.strerror or str(exc),
-                                 operation=f"ping {target} from {key}") from None
+        raise errors.KernelError(
+            exc.errno or 0, exc.strerror or str(exc), operation=f"ping {target} from {key}"
+        ) from None

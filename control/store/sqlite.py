@@ -453,6 +453,15 @@ class SQLiteStore:
         )
         return [r[0] for r in rows]
 
+    def count_joined(self, network_id: str) -> int:
+        """Endpoints of a network joined to a sandbox (or joining, or leaving)."""
+        row = self.fetchone(
+            "SELECT count(*) FROM endpoints WHERE network_id=? AND join_state != ''",
+            (network_id,),
+        )
+        assert row is not None
+        return int(row[0])
+
     def count_endpoints(self, network_id: str | None = None) -> int:
         if network_id is None:
             row = self.fetchone("SELECT count(*) FROM endpoints")

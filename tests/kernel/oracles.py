@@ -145,3 +145,106 @@ def socket_netns(fd: int) -> str:
         return f"net:[{os.fstat(ns_fd).st_ino}]"
     finally:
         os.close(ns_fd)
+
+
+# --- the session's own namespace, bridges, nftables and real packets ---------------------
+
+
+def tool_json(*argv: str, path: str | os.PathLike[str] | None = None) -> list[dict]:
+    """The JSON a tool prints, run in the current namespace (or inside the one at `path`)."""
+    prefix = [] if path is None else ["nsenter", f"--net={path}"]
+    out = subprocess.run(
+        [*prefix, *argv], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def links_here() -> dict[str, dict]:
+    """The links of the current namespace with their kind data (`ip -d -j link show`)."""
+    return {link["ifname"]: link for link in tool_json("ip", "-d", "-j", "link", "show")}
+
+
+def link_kind(link: dict) -> str | None:
+    """The kind (`veth`, `bridge`, ...) of a link as `ip -d -j link` reports it."""
+    return (link.get("linkinfo") or {}).get("info_kind")
+
+
+def bridge_ports(path: str | os.PathLike[str] | None = None) -> dict[str, dict]:
+    """Every bridge port with its settings (`bridge -j -d link show`), by port name."""
+    return {p["ifname"]: p for p in tool_json("bridge", "-j", "-d", "link", "show", path=path)}
+
+
+def addresses_here(dev: str | None = None) -> dict[str, set[str]]:
+    """`ip -j addr show [dev DEV]` of the current namespace: link -> {"addr/len", ...}."""
+    where = ["dev", dev] if dev is not None else []
+    return {
+        link["ifname"]: {f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", [])}
+        for link in tool_json("ip", "-j", "addr", "show", *where)
+    }
+
+
+def kernel_view(path: str | os.PathLike[str] | None = None) -> dict[str, object]:
+    """A comparable picture of a namespace's links and addresses (`ip -j link|addr`):
+    what a failed request must not change. Fields that move on their own (operstate,
+    address lifetimes and DAD flags) are left out."""
+    links = {
+        link["ifname"]: (
+            link["ifindex"],
+            link.get("master"),
+            tuple(sorted(link.get("flags", []))),
+            link.get("mtu"),
+            link.get("address"),
+            link.get("group"),
+        )
+        for link in tool_json("ip", "-j", "link", "show", path=path)
+    }
+    addrs = {
+        link["ifname"]: sorted(f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info", []))
+        for link in tool_json("ip", "-j", "addr", "show", path=path)
+    }
+    return {"links": links, "addrs": addrs}
+
+
+def nft_table(family: str = "inet", name: str = "cnm") -> list[dict] | None:
+    """The objects of one nftables table (`nft -j list table`), None when it does not exist."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "table", family, name], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return None
+    return [item for item in json.loads(proc.stdout)["nftables"] if "metainfo" not in item]
+
+
+def nft_chain_names(family: str = "inet", name: str = "cnm") -> set[str]:
+    """The chains of one nftables table (empty when the table does not exist)."""
+    return {item["chain"]["name"] for item in nft_table(family, name) or [] if "chain" in item}
+
+
+def ns_ping(path: str | os.PathLike[str], address: object, *, timeout: int = 1) -> bool:
+    """True when one `ping -c1 -W<timeout>` from inside the namespace at `path` is answered."""
+    proc = subprocess.run(
+        ["nsenter", f"--net={path}", "ping", "-n", "-q", "-c1", f"-W{timeout}", str(address)],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode == 0
+
+
+def ns_read(path: str | os.PathLike[str], file: str) -> str:
+    """A file as a process inside the namespace at `path` reads it (e.g. /proc/sys/net)."""
+    return subprocess.run(
+        ["nsenter", f"--net={path}", "cat", file], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def wait_until(predicate, timeout: float = 2.0, interval: float = 0.02) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds passed; its last verdict."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
