@@ -196,8 +196,7 @@ def link_set(
     return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(index, up), attrs)
 
 
-def bridge_port(name: str, *, hairpin: bool | None = None,
-                isolated: bool | None = None) -> Message:
+def bridge_port(name: str, *, hairpin: bool | None = None, isolated: bool | None = None) -> Message:
     """Settings of a bridge port, by its name: hairpin mode, isolation (no traffic to
     other isolated ports: how a bridge keeps its containers apart)."""
     data: list[Attr] = []
@@ -217,8 +216,9 @@ def link_get(name: str) -> Message:
     return Message(m.RTM_GETLINK, REQUEST, 0, 0, _ifinfo(), [Attr(m.IFLA_IFNAME, m.STR, name)])
 
 
-def link_set_by_name(name: str, *, up: bool | None = None, master: int | None = None,
-                     group: int | None = None) -> Message:
+def link_set_by_name(
+    name: str, *, up: bool | None = None, master: int | None = None, group: int | None = None
+) -> Message:
     """Change a link found by its name (no index look-up needed; renaming needs one)."""
     attrs = [Attr(m.IFLA_IFNAME, m.STR, name)]
     attrs += _link_attrs(master=master, group=group)
