@@ -54,6 +54,7 @@ from .ipam.api import (
 from .ipam.default import DefaultIpam
 from .network import Network
 from .osl import NamespaceStore
+from .osl.files import remove_files, write_files
 from .osl.firewall import Firewall
 from .osl.interfaces import InterfaceConfig, SandboxInterfaces
 from .osl.links import HostLinks
@@ -691,6 +692,7 @@ class NetworkController:
                 raise
             rec = replace(rec, state="ready")
             self._store.put_sandbox(rec)
+            self._write_files([rec.id])
             return Sandbox(self, rec)
 
     def join_many(self, pairs: Iterable[tuple[Endpoint, str | Sandbox]]) -> list[str]:
@@ -799,6 +801,7 @@ class NetworkController:
                 self._store.put_sandboxes(
                     [replace(sb, state="ready") for sb in new_sandboxes.values()]
                 )
+            self._write_files({p.sandbox.id for p in plans})
             return [p.sandbox.key for p in plans]
 
     def _check_ports(self, plans: list[_JoinPlan]) -> None:
@@ -955,6 +958,7 @@ class NetworkController:
                         empty[sb.id] = replace(sb, state="deleting")
                 self._store.put_sandboxes(list(empty.values()))
             self._delete_sandbox_namespaces(list(empty.values()), failures)
+            self._write_files({sb.id for _, sb in left} - set(empty))
             _raise_all(failures, "leave")
 
     def _leave_kernel(
@@ -1021,7 +1025,33 @@ class NetworkController:
                 failures.append(exc)
                 continue
             gone.append(sb.id)
+            remove_files(self.run_dir, sb.id)
         self._store.delete_sandboxes(gone)
+
+    def _write_files(self, sandbox_ids: Iterable[str]) -> None:
+        """Rewrite the hosts / resolv.conf / hostname files of these sandboxes."""
+        for sid in sandbox_ids:
+            sb = self._store.sandbox_by_id(sid)
+            if sb is None:
+                continue
+            addresses: list[Any] = []
+            for ep in self._store.endpoints(sandbox_id=sid):
+                if ep.join_state == "joined":
+                    addresses += [
+                        ipaddress.ip_interface(a) for a in (ep.ipv4_address, ep.ipv6_address) if a
+                    ]
+            try:
+                write_files(
+                    self.run_dir,
+                    sid,
+                    hostname=sb.hostname,
+                    addresses=addresses,
+                    extra_hosts=sb.extra_hosts,
+                    dns=sb.dns,
+                    dns_search=sb.dns_search,
+                )
+            except OSError as exc:
+                _log.warning("sandbox %s: cannot write its files: %s", sid[:12], exc)
 
     def _delete_sandbox(self, sandbox: Sandbox) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from . import errors
 from .controller import _interface_config
 from .driverapi import Driver, ExternalConnectivity, Reconcilable, SandboxInfo
 from .ipam.default import DefaultIpam
+from .osl.files import remove_files
 from .types import EndpointRecord, NetworkRecord, Repair, SandboxRecord
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class _Repairer:
                     report, f"delete namespace {sb.key}", lambda sb=sb: namespaces.delete(sb.key)
                 ):
                     store.delete_sandboxes([sb.id])
+                    remove_files(self.ctl.run_dir, sb.id)
                     kind = {
                         "creating": "sandbox_create_rolled_back",
                         "deleting": "sandbox_delete_completed",
@@ -167,6 +169,7 @@ class _Repairer:
                 sb = replace(sb, state="ready")
                 store.put_sandbox(sb)
             if namespaces.exists(sb.key):
+                self.interfaces(sb, eps)
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sb.key)  # a stale file where the namespace was mounted
@@ -192,6 +195,43 @@ class _Repairer:
                     "sandbox_namespace_recreated",
                     sb.key,
                     f"container {sb.container_id}, {len(eps)} endpoint(s) rejoined",
+                )
+
+    def interfaces(self, sb: SandboxRecord, eps: list[EndpointRecord]) -> None:
+        """Joined endpoints whose interface vanished from their sandbox (its device was
+        deleted behind cnm's back, taking the sandbox end with it): joined again."""
+        wanted = [e for e in eps if e.join_state == "joined" and e.driver_data.get("ifname")]
+        if not wanted:
+            return
+        try:
+            present = set(self.ctl.namespaces.links(sb.key))
+        except errors.CNMError as exc:
+            self.report.errors.append(f"list interfaces of {sb.key}: {exc}")
+            return
+        for ep in wanted:
+            if ep.driver_data["ifname"] in present:
+                continue
+            net = self.store.network_by_id(ep.network_id)
+            assert net is not None
+
+            def rejoin(ep: EndpointRecord = ep, net: NetworkRecord = net) -> None:
+                drv = self.driver_for(net)
+                with contextlib.suppress(Exception):
+                    drv.leave(net.id, ep.id)
+                info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
+                if info.src_name is None:
+                    return
+                outcome = self.ctl._interfaces.add([(sb.key, _interface_config(ep, info))])[0]
+                if isinstance(outcome, errors.CNMError):
+                    raise outcome
+                data = {**ep.driver_data, "ifname": outcome}
+                self.store.put_endpoint(replace(ep, driver_data=data))
+
+            if _attempt(self.report, f"rejoin endpoint {ep.id}", rejoin):
+                self.report.add(
+                    "endpoint_interface_recreated",
+                    ep.id,
+                    f"{ep.driver_data['ifname']} in container {sb.container_id}",
                 )
 
     def networks(self) -> None:
@@ -246,6 +286,12 @@ class _Repairer:
                 self.report, f"delete namespace {key}", lambda k=key: namespaces.delete(k)
             ):
                 self.report.add("orphan_namespace_removed", key)
+        owned_ids = {sb.id for sb in self.store.sandboxes()}
+        root = os.path.join(self.ctl.run_dir, "sandboxes")
+        for sid in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if sid not in owned_ids:
+                remove_files(self.ctl.run_dir, sid)
+                self.report.add("orphan_sandbox_files_removed", sid)
 
     def drivers(self) -> None:
         nets = self.store.networks()

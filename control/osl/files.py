@@ -1,0 +1,74 @@
+"""A sandbox's name-resolution files: hosts, resolv.conf and hostname.
+
+Owns run_dir/sandboxes/<sandbox id>/, written from the sandbox's options (hostname,
+extra hosts, DNS servers, search domains) and its endpoints' addresses, as libnetwork's
+sandbox options provide; rewritten on every join and leave, each file atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+from collections.abc import Sequence
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+HOST_RESOLV_CONF = "/etc/resolv.conf"
+
+
+def sandbox_dir(run_dir: str, sandbox_id: str) -> str:
+    return os.path.join(run_dir, "sandboxes", sandbox_id)
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _host_nameservers(path: str = HOST_RESOLV_CONF) -> list[str]:
+    """The host's nameservers a container can use (loopback ones cannot be reached)."""
+    out = []
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    if not ipaddress.ip_address(parts[1]).is_loopback:
+                        out.append(parts[1])
+    return out
+
+
+def write_files(
+    run_dir: str,
+    sandbox_id: str,
+    *,
+    hostname: str | None,
+    addresses: Sequence[IPInterface],
+    extra_hosts: Sequence[str],
+    dns: Sequence[str],
+    dns_search: Sequence[str],
+) -> str:
+    """(Re)write the sandbox's files; returns their directory."""
+    d = sandbox_dir(run_dir, sandbox_id)
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if hostname:
+        hosts += [f"{a.ip}\t{hostname}" for a in addresses]
+    for entry in extra_hosts:
+        name, _, ip = entry.partition(":")
+        hosts.append(f"{ip}\t{name}")
+    _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n")
+    servers = list(dns) or _host_nameservers()
+    resolv = [f"nameserver {s}" for s in servers]
+    if dns_search:
+        resolv.append("search " + " ".join(dns_search))
+    _write(os.path.join(d, "resolv.conf"), "\n".join(resolv) + ("\n" if resolv else ""))
+    _write(os.path.join(d, "hostname"), (hostname or sandbox_id[:12]) + "\n")
+    return d
+
+
+def remove_files(run_dir: str, sandbox_id: str) -> None:
+    shutil.rmtree(sandbox_dir(run_dir, sandbox_id), ignore_errors=True)
