@@ -758,7 +758,7 @@ class NetworkController:
                 )
             created: list[SandboxRecord] = []
             joined: list[_JoinPlan] = []
-            ifnames: dict[str, str] = {}
+            join_data: dict[str, dict[str, object]] = {}
             try:
                 self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
                 created.extend(new_sandboxes.values())
@@ -768,13 +768,35 @@ class NetworkController:
                     for p, info in zip(plans, infos, strict=True)
                     if info.src_name is not None
                 ]
-                outcomes = self._interfaces.add(
-                    [(p.sandbox.key, _interface_config(p.endpoint, info)) for p, info in wanted]
-                )
+                # libnetwork's rule: one gateway endpoint per sandbox, the first joined
+                # that offers one; the others get no default route (it would clash).
+                has_gateway = {
+                    p.sandbox.id
+                    for p in plans
+                    if any(
+                        e.driver_data.get("gateway")
+                        for e in self._store.endpoints(sandbox_id=p.sandbox.id)
+                    )
+                }
+                configs = []
+                for p, info in wanted:
+                    offers = info.gateway is not None or info.gateway_ipv6 is not None
+                    gateway = offers and p.sandbox.id not in has_gateway
+                    if gateway:
+                        has_gateway.add(p.sandbox.id)
+                    join_data[p.endpoint.id] = {
+                        "gateway": gateway,
+                        "gw4": str(info.gateway) if info.gateway else None,
+                        "gw6": str(info.gateway_ipv6) if info.gateway_ipv6 else None,
+                    }
+                    if not gateway:
+                        info = replace(info, gateway=None, gateway_ipv6=None)
+                    configs.append((p.sandbox.key, _interface_config(p.endpoint, info)))
+                outcomes = self._interfaces.add(configs)
                 for (p, _), outcome in zip(wanted, outcomes, strict=True):
                     if isinstance(outcome, errors.CNMError):
                         raise outcome
-                    ifnames[p.endpoint.id] = outcome
+                    join_data[p.endpoint.id]["ifname"] = outcome
                 for p in plans:
                     drv = self._driver(p.network.driver)
                     if isinstance(drv, ExternalConnectivity):
@@ -791,8 +813,8 @@ class NetworkController:
                             p.endpoint,
                             sandbox_id=p.sandbox.id,
                             join_state="joined",
-                            driver_data=_with_ifname(
-                                p.endpoint.driver_data, ifnames.get(p.endpoint.id)
+                            driver_data=_with_join(
+                                p.endpoint.driver_data, join_data.get(p.endpoint.id)
                             ),
                         )
                         for p in plans
@@ -948,7 +970,7 @@ class NetworkController:
                             r,
                             sandbox_id=None,
                             join_state="",
-                            driver_data=_with_ifname(r.driver_data, None),
+                            driver_data=_with_join(r.driver_data, None),
                         )
                         for r, _ in left
                     ]
@@ -983,6 +1005,7 @@ class NetworkController:
         ]
         if retire:
             failures.extend(e for e in self._interfaces.retire(retire) if e is not None)
+        self._hand_over_gateway(leaving, doomed, ids, failures)
         left: list[tuple[EndpointRecord, SandboxRecord]] = []
         by_driver: dict[str, list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]]] = {}
         for item in leaving:
@@ -1013,6 +1036,44 @@ class NetworkController:
                     continue
                 left.append((rec, sb))
         return left
+
+    def _hand_over_gateway(
+        self,
+        leaving: list[tuple[EndpointRecord, NetworkRecord, SandboxRecord]],
+        doomed: set[str],
+        ids: set[str],
+        failures: list[Exception],
+    ) -> None:
+        """When a sandbox's gateway endpoint leaves and the sandbox stays, the default
+        route moves to another joined endpoint that offers a gateway."""
+        for rec, _, sb in leaving:
+            if sb.id in doomed or not rec.driver_data.get("gateway"):
+                continue
+            heirs = [
+                e
+                for e in self._store.endpoints(sandbox_id=sb.id)
+                if e.id not in ids
+                and e.join_state == "joined"
+                and e.driver_data.get("ifname")
+                and (e.driver_data.get("gw4") or e.driver_data.get("gw6"))
+            ]
+            if not heirs:
+                continue
+            heir = heirs[0]
+            gw4, gw6 = heir.driver_data.get("gw4"), heir.driver_data.get("gw6")
+            try:
+                self._interfaces.set_default_route(
+                    sb.key,
+                    str(heir.driver_data["ifname"]),
+                    ipaddress.ip_address(gw4) if gw4 else None,
+                    ipaddress.ip_address(gw6) if gw6 else None,
+                )
+            except errors.CNMError as exc:
+                failures.append(exc)
+                continue
+            self._store.put_endpoint(
+                replace(heir, driver_data={**heir.driver_data, "gateway": True})
+            )
 
     def _delete_sandbox_namespaces(
         self, sandboxes: list[SandboxRecord], failures: list[Exception]
@@ -1155,10 +1216,13 @@ def _unique_records(ctl: NetworkController, endpoints: Sequence[Endpoint]) -> li
     return list(recs.values())
 
 
-def _with_ifname(data: Mapping[str, object], ifname: str | None) -> dict[str, object]:
-    out = {k: v for k, v in data.items() if k != "ifname"}
-    if ifname is not None:
-        out["ifname"] = ifname
+_JOIN_KEYS = ("ifname", "gateway", "gw4", "gw6")
+
+
+def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) -> dict[str, object]:
+    """An endpoint's driver_data with what its join set up (None: after a leave)."""
+    out = {k: v for k, v in data.items() if k not in _JOIN_KEYS}
+    out.update(join or {})
     return out
 
 
@@ -1171,7 +1235,11 @@ def _join_names(endpoint_id: str, driver: str) -> list[str]:
     return []
 
 
-def _interface_config(ep: EndpointRecord, info: JoinInfo) -> InterfaceConfig:
+def _interface_config(
+    ep: EndpointRecord, info: JoinInfo, *, gateway: bool = True
+) -> InterfaceConfig:
+    """The sandbox side of a join; `gateway=False`: no default route (the sandbox has
+    its gateway endpoint already)."""
     addresses: list[Any] = []
     if ep.ipv4_address:
         addresses.append(ipaddress.IPv4Interface(ep.ipv4_address))

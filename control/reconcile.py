@@ -55,6 +55,11 @@ class ReconcileReport:
         }
 
 
+def _config(ep: EndpointRecord, info: Any) -> Any:
+    """The sandbox side of a repeated join (default route only for the gateway endpoint)."""
+    return _interface_config(ep, info, gateway=bool(ep.driver_data.get("gateway", True)))
+
+
 def _attempt(report: ReconcileReport, what: str, fn: Callable[[], object]) -> bool:
     try:
         fn()
@@ -184,9 +189,16 @@ class _Repairer:
                         drv.leave(net.id, ep.id)
                     info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
                     if info.src_name is not None:
-                        outcome = self.ctl._interfaces.add([(sb.key, _interface_config(ep, info))])[
-                            0
-                        ]
+                        outcome = self.ctl._interfaces.add(
+                            [
+                                (
+                                    sb.key,
+                                    _interface_config(
+                                        ep, info, gateway=bool(ep.driver_data.get("gateway", True))
+                                    ),
+                                )
+                            ]
+                        )[0]
                         if isinstance(outcome, errors.CNMError):
                             raise outcome
 
@@ -221,7 +233,16 @@ class _Repairer:
                 info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
                 if info.src_name is None:
                     return
-                outcome = self.ctl._interfaces.add([(sb.key, _interface_config(ep, info))])[0]
+                outcome = self.ctl._interfaces.add(
+                    [
+                        (
+                            sb.key,
+                            _interface_config(
+                                ep, info, gateway=bool(ep.driver_data.get("gateway", True))
+                            ),
+                        )
+                    ]
+                )[0]
                 if isinstance(outcome, errors.CNMError):
                     raise outcome
                 data = {**ep.driver_data, "ifname": outcome}

@@ -133,6 +133,26 @@ class SandboxInterfaces:
                 os.close(fd)
         return out
 
+    def set_default_route(
+        self, key: str, ifname: str, gateway: IPAddress | None, gateway6: IPAddress | None
+    ) -> None:
+        """Make `ifname` the sandbox's default route (replacing any there is)."""
+
+        def job() -> None:
+            with NetlinkSocket(backend=self.backend) as sock:
+                idx = records.link_record(sock.get(rtnl.link_get(ifname))).index
+                reqs = []
+                for dst, gw in ((bulk.DEFAULT_V4, gateway), (bulk.DEFAULT_V6, gateway6)):
+                    if gw is not None:
+                        msg = rtnl.route_add(dst, gateway=gw, oif=idx)
+                        reqs.append(msg._replace(flags=rtnl.REPLACE))
+                sock.execute(reqs).raise_first()
+
+        try:
+            netns.run_in(key, job)
+        except OSError as exc:
+            raise kernel_error(exc, f"move the default route to {ifname} in {key}") from None
+
     def retire(self, items: Sequence[tuple[str, str]]) -> list[errors.CNMError | None]:
         """Inside each sandbox (key, interface name): take the interface down, drop its
         addresses and rename it out of the way, so a later join may reuse the name and
