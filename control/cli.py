@@ -116,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
         "demo", parents=[leaf], help="the CNM lifecycle end to end with real sandboxes"
     )
     d.add_argument("--containers", type=int, default=4)
+    b = sub.add_parser("bench", help="join/leave latency and bulk throughput vs other tools")
+    b.add_argument("--containers", type=int, default=100)
+    b.add_argument(
+        "--compare",
+        default="cni,pyroute2,ip",
+        help="comma-separated: cni, pyroute2, ip (empty: cnm only)",
+    )
+    b.add_argument("--json", dest="json_file", metavar="FILE", help="also write JSON here")
     return p
 
 
@@ -311,6 +319,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         report = doctor(args.state_dir, args.run_dir, args.fastpath)
         out.obj(report.to_dict(), report.text)
         return 0
+    if args.command == "bench":
+        from .bench import bench
+
+        compare = [c.strip() for c in args.compare.split(",") if c.strip()]
+        return bench(args.containers, compare, args.json_file, as_json=args.json)
     if args.command == "demo":
         from .demo import demo
 

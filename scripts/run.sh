@@ -14,7 +14,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-apt_packages=(python3 python3-venv python3-dev gcc iproute2 util-linux iputils-ping nftables)
+apt_packages=(python3 python3-venv python3-dev gcc iproute2 util-linux iputils-ping nftables
+  containernetworking-plugins)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

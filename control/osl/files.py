@@ -51,7 +51,7 @@ def write_files(
     dns: Sequence[str],
     dns_search: Sequence[str],
 ) -> str:
-    """(Re)write the sandbox's files; returns their directory."""
+    """Write the sandbox's files (hosts every time); returns their directory."""
     d = sandbox_dir(run_dir, sandbox_id)
     os.makedirs(d, mode=0o755, exist_ok=True)
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
@@ -61,12 +61,16 @@ def write_files(
         name, _, ip = entry.partition(":")
         hosts.append(f"{ip}\t{name}")
     _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n")
-    servers = list(dns) or _host_nameservers()
-    resolv = [f"nameserver {s}" for s in servers]
-    if dns_search:
-        resolv.append("search " + " ".join(dns_search))
-    _write(os.path.join(d, "resolv.conf"), "\n".join(resolv) + ("\n" if resolv else ""))
-    _write(os.path.join(d, "hostname"), (hostname or sandbox_id[:12]) + "\n")
+    # resolv.conf and hostname follow the sandbox's options, which never change: written
+    # once; hosts follows the addresses, rewritten every time.
+    resolv_path = os.path.join(d, "resolv.conf")
+    if not os.path.exists(resolv_path):
+        servers = list(dns) or _host_nameservers()
+        resolv = [f"nameserver {s}" for s in servers]
+        if dns_search:
+            resolv.append("search " + " ".join(dns_search))
+        _write(resolv_path, "\n".join(resolv) + ("\n" if resolv else ""))
+        _write(os.path.join(d, "hostname"), (hostname or sandbox_id[:12]) + "\n")
     return d
 
 
