@@ -7,6 +7,7 @@ fast-path backend, the store, and what the optional eBPF data path would find.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ class DoctorReport:
     fastpath_native_built: bool
     fastpath_backend: str
     store: str
+    nft: str | None  # the nft binary the bridge driver's firewall uses
     ebpf: EbpfProbe
     notes: list[str] = field(default_factory=list)
 
@@ -47,6 +49,7 @@ class DoctorReport:
             ("native fast path", "built" if self.fastpath_native_built else "not built"),
             ("fast path in use", self.fastpath_backend),
             ("store", self.store),
+            ("nftables (nft)", self.nft or "not found: bridge networks need it"),
             ("libbpf", e.libbpf or "not found"),
             ("kernel BTF", yes[e.btf]),
             ("bpffs at /sys/fs/bpf", "mounted" if e.bpffs_mounted else "not mounted"),
@@ -98,6 +101,7 @@ def doctor(state_dir: str, run_dir: str, requested_fastpath: str) -> DoctorRepor
         fastpath_native_built=fastpath.native_available(),
         fastpath_backend=backend,
         store=store,
+        nft=shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin"),
         ebpf=probe(),
         notes=notes,
     )

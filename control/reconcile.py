@@ -184,23 +184,7 @@ class _Repairer:
                 for ep in eps:
                     net = store.network_by_id(ep.network_id)
                     assert net is not None
-                    drv = self.driver_for(net)
-                    with contextlib.suppress(Exception):
-                        drv.leave(net.id, ep.id)
-                    info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
-                    if info.src_name is not None:
-                        outcome = self.ctl._interfaces.add(
-                            [
-                                (
-                                    sb.key,
-                                    _interface_config(
-                                        ep, info, gateway=bool(ep.driver_data.get("gateway", True))
-                                    ),
-                                )
-                            ]
-                        )[0]
-                        if isinstance(outcome, errors.CNMError):
-                            raise outcome
+                    self.rejoin(sb, ep, net)
 
             if _attempt(report, f"recreate namespace {sb.key}", rejoin):
                 report.add(
@@ -208,6 +192,19 @@ class _Repairer:
                     sb.key,
                     f"container {sb.container_id}, {len(eps)} endpoint(s) rejoined",
                 )
+
+    def rejoin(self, sb: SandboxRecord, ep: EndpointRecord, net: NetworkRecord) -> None:
+        """Join an endpoint to its sandbox again (its device or namespace vanished)."""
+        drv = self.driver_for(net)
+        with contextlib.suppress(Exception):
+            drv.leave(net.id, ep.id)
+        info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
+        if info.src_name is None:
+            return
+        outcome = self.ctl._interfaces.add([(sb.key, _config(ep, info))])[0]
+        if isinstance(outcome, errors.CNMError):
+            raise outcome
+        self.store.put_endpoint(replace(ep, driver_data={**ep.driver_data, "ifname": outcome}))
 
     def interfaces(self, sb: SandboxRecord, eps: list[EndpointRecord]) -> None:
         """Joined endpoints whose interface vanished from their sandbox (its device was
@@ -227,26 +224,7 @@ class _Repairer:
             assert net is not None
 
             def rejoin(ep: EndpointRecord = ep, net: NetworkRecord = net) -> None:
-                drv = self.driver_for(net)
-                with contextlib.suppress(Exception):
-                    drv.leave(net.id, ep.id)
-                info = drv.join(net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id))
-                if info.src_name is None:
-                    return
-                outcome = self.ctl._interfaces.add(
-                    [
-                        (
-                            sb.key,
-                            _interface_config(
-                                ep, info, gateway=bool(ep.driver_data.get("gateway", True))
-                            ),
-                        )
-                    ]
-                )[0]
-                if isinstance(outcome, errors.CNMError):
-                    raise outcome
-                data = {**ep.driver_data, "ifname": outcome}
-                self.store.put_endpoint(replace(ep, driver_data=data))
+                self.rejoin(sb, ep, net)
 
             if _attempt(self.report, f"rejoin endpoint {ep.id}", rejoin):
                 self.report.add(
