@@ -41,3 +41,23 @@ def timed(fn: Callable[..., object], sink: list[float]) -> Callable[..., None]:
         sink.append(time.perf_counter() - t0)
 
     return run
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def settle(limit: float = 15.0) -> None:
+    """Wait until the machine is idle again: the kernel tears namespaces and devices
+    down in the background after they are deleted, and that work must not land in the
+    next variant's time."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        b0, t0 = _busy_jiffies()
+        time.sleep(0.25)
+        b1, t1 = _busy_jiffies()
+        if t1 > t0 and (b1 - b0) / (t1 - t0) < 0.10:
+            return

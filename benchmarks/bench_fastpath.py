@@ -16,11 +16,8 @@ import gc
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +26,7 @@ from cnm import fastpath
 from cnm.fastpath import _pycodec, bulk, netns, records, rtnl
 from cnm.fastpath.transport import socket_for
 
-from .bench_common import record_ratio, timed
+from .bench_common import record_ratio, settle, timed
 
 pytestmark = pytest.mark.privileged
 
@@ -100,38 +97,6 @@ def test_codec_10000_messages(benchmark) -> None:
 # --- bulk attach --------------------------------------------------------------------------
 
 
-def _busy_jiffies() -> tuple[int, int]:
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-def settle(limit: float = 15.0) -> None:
-    """Wait until the machine is idle again: the kernel tears namespaces and devices
-    down in the background after they are deleted, and that work must not land in the
-    next variant's time."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        b0, t0 = _busy_jiffies()
-        time.sleep(0.25)
-        b1, t1 = _busy_jiffies()
-        if t1 > t0 and (b1 - b0) / (t1 - t0) < 0.10:
-            return
-
-
-@pytest.fixture(scope="module")
-def floor_binary() -> Iterator[str]:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler for the kernel-floor reference")
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "attach_floor")
-        src = Path(__file__).with_name("attach_floor.c")
-        subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
-        yield out
-
-
 class Rig:
     """Fresh namespaces and a fresh bridge for one variant; all removed afterwards."""
 
@@ -199,7 +164,7 @@ def run_floor(root: str, binary: str, count: int) -> float:
     rig = Rig(root, "fl", count)
     try:
         out = subprocess.run(
-            [binary, str(rig.bridge), str(rig.group), "45", *rig.paths],
+            [binary, "batch", str(rig.bridge), str(rig.group), "45", *rig.paths],
             capture_output=True,
             text=True,
             check=True,

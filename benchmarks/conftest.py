@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from tests import harness
@@ -16,3 +23,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = harness.why_not_isolated()
         if reason is not None:
             pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def floor_binary() -> Iterator[str]:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler for the kernel-floor reference")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "attach_floor")
+        src = Path(__file__).with_name("attach_floor.c")
+        subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
+        yield out

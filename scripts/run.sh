@@ -54,6 +54,9 @@ case "$job" in
     "$VENV/bin/ruff" format --check .
     # The native codec must be built here: its tests fail instead of skipping.
     export CNM_REQUIRE_NATIVE=1
+    # The benchmarks run once each as a smoke test here, on fewer containers; the README's
+    # figures come from full runs (see its Benchmarks section).
+    export CNM_BENCH_CONTAINERS=${CNM_BENCH_CONTAINERS:-100} CNM_BENCH_ROUNDS=${CNM_BENCH_ROUNDS:-1}
     # pytest exits 5 when nothing was collected: that is a failure here too.
     exec "$VENV/bin/python" -m pytest tests benchmarks --benchmark-disable -p no:cacheprovider "$@"
     ;;

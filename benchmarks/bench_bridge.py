@@ -1,0 +1,154 @@
+"""The bridge driver's joins and leaves against the kernel floor and the CNI plugin.
+
+Targets from ../shared/spec/performance.md, reported as ratios to references measured in
+the same run (never asserted):
+- sequential join of a pre-made sandbox: cnm's p50 vs the C floor's (one container per
+  round trip, benchmarks/attach_floor.c `sequential`), and the CNI bridge plugin's p50;
+- join_many of N containers, sandboxes included, vs the C batched floor with namespace
+  creation (`create` mode);
+- leave_many + delete of N vs the group-delete floor (one RTM_DELLINK for the group, then
+  the namespaces unmounted).
+N = CNM_BENCH_CONTAINERS (default 500); the sequential test uses N // 5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cnm.control import IPAMConfig, NetworkController
+from cnm.control.bench import Progress, bench_cni
+from cnm.fastpath import bulk, netns, records, rtnl
+from cnm.fastpath.transport import socket_for
+
+from .bench_common import record_ratio, settle
+
+pytestmark = pytest.mark.privileged
+
+N = int(os.environ.get("CNM_BENCH_CONTAINERS", "500"))
+SEQ = max(5, N // 5)
+
+
+def _bridge(name: str) -> int:
+    host = socket_for(None)
+    host.request(rtnl.bridge(name))
+    links = map(records.link_record, host.dump(rtnl.dump_links()))
+    return next(link.index for link in links if link.name == name)
+
+
+def _floor(binary: str, mode: str, paths: list[str], tag: str) -> dict:
+    bridge = _bridge(f"brf{tag}")
+    group = 3000 + len(tag) + sum(map(ord, tag))
+    try:
+        if mode != "create":
+            assert not any(netns.create_many(paths))
+        out = subprocess.run(
+            [binary, mode, str(bridge), str(group), "46", *paths],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        result = json.loads(out)
+        assert result["errors"] == 0, result
+        return {**result, "group": group}
+    finally:
+        bulk.delete_group(group)
+        socket_for(None).request(rtnl.link_del(bridge))
+        for p in paths:
+            netns.delete(p)
+
+
+def _controller(root: Path, tag: str) -> NetworkController:
+    return NetworkController(state_dir=str(root / f"state-{tag}"), run_dir=str(root / f"run-{tag}"))
+
+
+def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path) -> None:
+    settle()
+    floor = (
+        _floor(floor_binary, "sequential", [str(tmp_path / f"s{i}") for i in range(SEQ)], "seq")[
+            "p50_ms"
+        ]
+        / 1000
+    )
+    settle()
+    times: list[float] = []
+    with _controller(tmp_path, "seq") as ctl:
+        net = ctl.create_network("seq", ipv4=[IPAMConfig(subnet="10.210.0.0/16")])
+        eps = net.create_endpoints([f"e{i}" for i in range(SEQ)])
+        sbs = [ctl.create_sandbox(f"c{i}") for i in range(SEQ)]
+
+        def joins() -> None:
+            for ep, sb in zip(eps, sbs, strict=True):
+                t0 = time.perf_counter()
+                ep.join(sb)
+                times.append(time.perf_counter() - t0)
+
+        benchmark.pedantic(joins, rounds=1, iterations=1)
+        ctl.leave_many(list(zip(eps, sbs, strict=True)))
+        for sb in sbs:
+            sb.delete()
+        ctl.delete_endpoints(eps)
+        net.delete()
+    settle()
+    cni = bench_cni(str(tmp_path), SEQ, Progress(False))
+    ours = statistics.median(times)
+    benchmark.extra_info["containers"] = SEQ
+    record_ratio(benchmark, "join_p50_vs_c_floor", ours, floor)
+    if cni.join_p50_ms is not None:
+        record_ratio(benchmark, "cni_join_p50_vs_cnm", cni.join_p50_ms / 1000, ours)
+
+
+def test_join_many_and_leave_many(benchmark, floor_binary: str, tmp_path: Path) -> None:
+    settle()
+    floor_attach = _floor(
+        floor_binary, "create", [str(tmp_path / f"b{i}") for i in range(N)], "bulk"
+    )["attach_s"]
+    # The group-delete floor: a batched attach, then one message for the group and the
+    # namespaces unmounted (the kernel's own batching of device teardown).
+    settle()
+    paths = [str(tmp_path / f"d{i}") for i in range(N)]
+    bridge = _bridge("brfdel")
+    assert not any(netns.create_many(paths))
+    out = subprocess.run(
+        [floor_binary, "batch", str(bridge), "4001", "47", *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out)["errors"] == 0
+    settle()
+    t0 = time.perf_counter()
+    bulk.delete_group(4001)
+    for p in paths:
+        netns.delete(p)
+    floor_detach = time.perf_counter() - t0
+    socket_for(None).request(rtnl.link_del(bridge))
+    settle()
+
+    with _controller(tmp_path, "bulk") as ctl:
+        net = ctl.create_network("bulk", ipv4=[IPAMConfig(subnet="10.211.0.0/16")])
+        eps = net.create_endpoints([f"e{i}" for i in range(N)])
+        pairs = [(ep, f"c{i}") for i, ep in enumerate(eps)]
+        joined: list[float] = []
+
+        def join_all() -> None:
+            t0 = time.perf_counter()
+            ctl.join_many(pairs)
+            joined.append(time.perf_counter() - t0)
+
+        benchmark.pedantic(join_all, rounds=1, iterations=1)
+        settle()
+        t0 = time.perf_counter()
+        ctl.leave_many(pairs)
+        ctl.delete_endpoints(eps)
+        left = time.perf_counter() - t0
+        net.delete()
+    benchmark.extra_info["containers"] = N
+    record_ratio(benchmark, f"join_many_{N}_vs_c_floor_with_netns", joined[0], floor_attach)
+    record_ratio(benchmark, f"leave_many_delete_{N}_vs_group_delete_floor", left, floor_detach)
