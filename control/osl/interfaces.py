@@ -69,10 +69,12 @@ def _set_ipv6_disabled(name: str) -> None:
 
 def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     """Inside the sandbox: name, address and route the interface; returns its name."""
-    link = records.link_record(sock.get(rtnl.link_get(cfg.src_name)))
-    names = {records.link_record(m).name for m in sock.dump(rtnl.dump_links())}
-    names.discard(cfg.src_name)
-    name = _free_name(names, cfg.dst_prefix)
+    # One dump gives both the interface's index and the names in use.
+    links = {rec.name: rec for rec in map(records.link_record, sock.dump(rtnl.dump_links()))}
+    link = links.pop(cfg.src_name, None)
+    if link is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {cfg.src_name} in the sandbox")
+    name = _free_name(set(links), cfg.dst_prefix)
     idx = link.index
     reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
     reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
