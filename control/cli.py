@@ -183,6 +183,10 @@ class _Out:
     def obj(self, data: Any, text: Callable[[], str]) -> None:
         print(json.dumps(data, indent=2, sort_keys=True) if self.json else text())
 
+    def inspect(self, data: Any) -> None:
+        """An object shown whole: JSON either way (as `docker inspect` does)."""
+        print(json.dumps(data, indent=2, sort_keys=True))
+
 
 def _network_cmd(ctl: NetworkController, args: argparse.Namespace, out: _Out) -> None:
     if args.action == "create":
@@ -214,7 +218,7 @@ def _network_cmd(ctl: NetworkController, args: argparse.Namespace, out: _Out) ->
         )
     elif args.action == "inspect":
         data = ctl.network(args.name).to_dict()
-        out.obj(data, lambda: json.dumps(data, indent=2, sort_keys=True))
+        out.inspect(data)
     elif args.action == "rm":
         net = ctl.network(args.name)
         net.delete()
@@ -258,7 +262,7 @@ def _endpoint_cmd(ctl: NetworkController, args: argparse.Namespace, out: _Out) -
     ep = net.endpoint(args.name)
     if args.action == "inspect":
         data = ep.to_dict()
-        out.obj(data, lambda: json.dumps(data, indent=2, sort_keys=True))
+        out.inspect(data)
     elif args.action == "rm":
         ep.delete(force=args.force)
         out.obj({"id": ep.id, "deleted": True}, lambda: ep.name)
@@ -291,7 +295,7 @@ def _sandbox_cmd(ctl: NetworkController, args: argparse.Namespace, out: _Out) ->
         )
     elif args.action == "inspect":
         data = ctl.sandbox(args.container).to_dict()
-        out.obj(data, lambda: json.dumps(data, indent=2, sort_keys=True))
+        out.inspect(data)
     elif args.action == "rm":
         sb = ctl.sandbox(args.container)
         sb.delete()
