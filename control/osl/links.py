@@ -2,9 +2,11 @@
 
 Owns the devices the drivers keep in the host namespace. Deleting a device makes the
 caller wait out the kernel's RCU grace period (about 20 ms each), so a leave never
-deletes: it takes the host end down, off its bridge and into the graveyard group, and
-`reap()` deletes the whole group with one message (one grace period for all). Host-end
-names are unique per join, so a dying device never blocks a new one.
+deletes: it takes the host end down (a down bridge port forwards nothing) and into the
+graveyard group, and `reap()` deletes the whole group with one message (one grace period
+for all; that also takes the ports off their bridges at once, where a port removal one
+by one waits for a synchronize_net each). Host-end names are derived from the endpoint,
+and a join that meets its own dying predecessor reaps the graveyard and tries again.
 """
 
 from __future__ import annotations
@@ -147,10 +149,10 @@ class HostLinks:
         return out
 
     def retire(self, names: Sequence[str]) -> None:
-        """Detach host ends now and leave their deletion to reap() (see the module doc)."""
+        """Take host ends down now and leave their deletion to reap() (see the module doc)."""
         if not names:
             return
-        reqs = [rtnl.link_set_by_name(n, up=False, master=0, group=GRAVEYARD_GROUP) for n in names]
+        reqs = [rtnl.link_set_by_name(n, up=False, group=GRAVEYARD_GROUP) for n in names]
         result = self.sock.execute(reqs)
         failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
         self._pending.set()
