@@ -45,11 +45,7 @@ def ensure_isolated() -> IsolatedHost | None:
         raise RuntimeError("the test process must be single-threaded to enter its namespaces")
     host_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     host_links = tuple(sorted(name for _, name in socket.if_nameindex()))
-    netns.unshare(netns.CLONE_NEWNET | netns.CLONE_NEWNS)
-    netns.mount("none", "/", None, netns.MS_REC | netns.MS_PRIVATE)
-    netns.mount("tmpfs", "/run", "tmpfs", netns.MS_NOSUID | netns.MS_NODEV, "mode=755")
-    netns.mount("sysfs", "/sys", "sysfs", netns.MS_NOSUID | netns.MS_NODEV | netns.MS_NOEXEC)
-    netns._set_link_up("lo")
+    netns.enter_throwaway_host()
     _ISOLATION = IsolatedHost(f"/proc/{os.getpid()}/fd/{host_fd}", host_links)
     return _ISOLATION
 

@@ -22,6 +22,7 @@ from cnm.fastpath import bulk, netns, records, rtnl
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
 from .. import errors
+from .namespace import kernel_error
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -43,13 +44,6 @@ class InterfaceConfig:
     gateway: IPAddress | None = None
     gateway6: IPAddress | None = None
     routes: tuple[bulk.Route, ...] = ()
-
-
-def kernel_error(exc: OSError, operation: str) -> errors.CNMError:
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        return errors.Forbidden(f"{operation}: {os.strerror(exc.errno)}; this needs root")
-    message = getattr(exc, "message", None) or exc.strerror or str(exc)
-    return errors.KernelError(exc.errno or 0, message, operation=operation)
 
 
 def _free_name(existing: set[str], prefix: str) -> str:

@@ -22,7 +22,7 @@ from cnm.fastpath import records, rtnl
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
 from .. import errors
-from .interfaces import kernel_error
+from .namespace import kernel_error
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 

@@ -19,13 +19,16 @@ from .. import errors
 T = TypeVar("T")
 
 
-def _kernel_error(exc: OSError, operation: str) -> errors.CNMError:
+def kernel_error(exc: OSError, operation: str) -> errors.CNMError:
+    """A typed error for an OSError met in the kernel: Forbidden without privilege, else
+    KernelError with errno and the kernel's own message (a NetlinkError's extended ack)."""
     if exc.errno in (errno.EPERM, errno.EACCES):
         return errors.Forbidden(
-            f"{operation}: {os.strerror(exc.errno)}; network namespaces need root "
+            f"{operation}: {os.strerror(exc.errno)}; this needs root "
             "(CAP_SYS_ADMIN and CAP_NET_ADMIN)"
         )
-    return errors.KernelError(exc.errno or 0, exc.strerror or str(exc), operation=operation)
+    message = getattr(exc, "message", None) or exc.strerror or str(exc)
+    return errors.KernelError(exc.errno or 0, message, operation=operation)
 
 
 class NamespaceStore:
@@ -47,7 +50,7 @@ class NamespaceStore:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
             netns.create(path)
         except OSError as exc:
-            raise _kernel_error(exc, f"create namespace {path}") from None
+            raise kernel_error(exc, f"create namespace {path}") from None
         return path
 
     def create_many(self, sandbox_ids: list[str]) -> list[str]:
@@ -58,7 +61,7 @@ class NamespaceStore:
         try:
             os.makedirs(self.dir, mode=0o755, exist_ok=True)
         except OSError as exc:
-            raise _kernel_error(exc, f"create {self.dir}") from None
+            raise kernel_error(exc, f"create {self.dir}") from None
         outcomes = netns.create_many(paths)
         failed = [(p, e) for p, e in zip(paths, outcomes, strict=True) if e is not None]
         if failed:
@@ -67,7 +70,7 @@ class NamespaceStore:
                     netns.delete(path)
             path, exc = failed[0]
             assert isinstance(exc, OSError)
-            raise _kernel_error(exc, f"create namespace {path}")
+            raise kernel_error(exc, f"create namespace {path}")
         return paths
 
     def delete(self, key: str) -> None:
@@ -75,7 +78,7 @@ class NamespaceStore:
         try:
             netns.delete(key)
         except OSError as exc:
-            raise _kernel_error(exc, f"delete namespace {key}") from None
+            raise kernel_error(exc, f"delete namespace {key}") from None
 
     def exists(self, key: str) -> bool:
         return netns.is_netns(key)
@@ -93,7 +96,7 @@ class NamespaceStore:
         try:
             return netns.run_in(key, fn)
         except OSError as exc:
-            raise _kernel_error(exc, f"enter namespace {key}") from None
+            raise kernel_error(exc, f"enter namespace {key}") from None
 
     def links(self, key: str) -> list[str]:
         """Names of the links inside a sandbox."""
