@@ -56,7 +56,7 @@ from .network import Network
 from .osl import NamespaceStore
 from .osl.files import remove_files, write_files
 from .osl.firewall import Firewall
-from .osl.interfaces import InterfaceConfig, SandboxInterfaces
+from .osl.interfaces import InterfaceConfig, SandboxInterfaces, free_name
 from .osl.links import HostLinks
 from .sandbox import Sandbox
 from .store import SQLiteStore
@@ -97,6 +97,7 @@ class _JoinPlan:
     endpoint: EndpointRecord
     network: NetworkRecord
     sandbox: SandboxRecord
+    ifname: str | None = None  # the name an "eth" interface will get in the sandbox
 
 
 class NetworkController:
@@ -140,7 +141,7 @@ class NetworkController:
         self._links = HostLinks(backend=self.fastpath)
         self._interfaces = SandboxInterfaces(backend=self.fastpath)
         self._registry: DriverRegistry = builtin_registry(self._links, Firewall())
-        self._namespaces = NamespaceStore(run_dir)
+        self._namespaces = NamespaceStore(run_dir, backend=self.fastpath)
         self._lock = threading.RLock()
         self._announced: set[tuple[str, str]] = set()
         self._closed = False
@@ -709,7 +710,11 @@ class NetworkController:
             with self._store.tx():
                 seen: set[str] = set()
                 net_of: dict[str, NetworkRecord] = {}
-                claimed: set[tuple[str, str]] = set()
+                # Per sandbox: the networks it is on, the interface names in use, and
+                # whether it has its gateway endpoint already (read once per sandbox).
+                on_nets: dict[str, set[str]] = {}
+                used_names: dict[str, set[str]] = {}
+                has_gateway: set[str] = set()
                 for (ep, target), cid in zip(pairs, targets, strict=True):
                     rec = self._endpoint_record(ep.id)
                     if rec.id in seen:
@@ -740,14 +745,24 @@ class NetworkController:
                         new_sandboxes[cid] = sb
                     elif sb.state != "ready" and cid not in new_sandboxes:
                         raise errors.Conflict(f"sandbox of {cid!r} is {sb.state}")
-                    if (sb.id, net.id) in claimed or any(
-                        e.network_id == net.id for e in self._store.endpoints(sandbox_id=sb.id)
-                    ):
+                    if sb.id not in on_nets:
+                        present = (
+                            self._store.endpoints(sandbox_id=sb.id)
+                            if cid not in new_sandboxes
+                            else []
+                        )
+                        on_nets[sb.id] = {e.network_id for e in present}
+                        used_names[sb.id] = {str(e.driver_data.get("ifname")) for e in present}
+                        if any(e.driver_data.get("gateway") for e in present):
+                            has_gateway.add(sb.id)
+                    if net.id in on_nets[sb.id]:
                         raise errors.Conflict(
                             f"container {cid!r} already has an endpoint on network {net.name!r}"
                         )
-                    claimed.add((sb.id, net.id))
-                    plans.append(_JoinPlan(rec, net, sb))
+                    on_nets[sb.id].add(net.id)
+                    ifname = free_name(used_names[sb.id], "eth")
+                    used_names[sb.id].add(ifname)
+                    plans.append(_JoinPlan(rec, net, sb, ifname))
                 self._check_ports(plans)
                 self._store.put_sandboxes(list(new_sandboxes.values()))
                 self._store.put_endpoints(
@@ -770,14 +785,6 @@ class NetworkController:
                 ]
                 # libnetwork's rule: one gateway endpoint per sandbox, the first joined
                 # that offers one; the others get no default route (it would clash).
-                has_gateway = {
-                    p.sandbox.id
-                    for p in plans
-                    if any(
-                        e.driver_data.get("gateway")
-                        for e in self._store.endpoints(sandbox_id=p.sandbox.id)
-                    )
-                }
                 configs = []
                 for p, info in wanted:
                     offers = info.gateway is not None or info.gateway_ipv6 is not None
@@ -791,7 +798,10 @@ class NetworkController:
                     }
                     if not gateway:
                         info = replace(info, gateway=None, gateway_ipv6=None)
-                    configs.append((p.sandbox.key, _interface_config(p.endpoint, info)))
+                    cfg = _interface_config(p.endpoint, info)
+                    if p.ifname is not None and info.src_name == p.ifname:
+                        cfg = replace(cfg, name=p.ifname)
+                    configs.append((p.sandbox.key, cfg))
                 outcomes = self._interfaces.add(configs)
                 for (p, _), outcome in zip(wanted, outcomes, strict=True):
                     if isinstance(outcome, errors.CNMError):
@@ -857,7 +867,10 @@ class NetworkController:
                     plans[i].network.id,
                     plans[i].endpoint.id,
                     SandboxInfo(
-                        plans[i].sandbox.id, plans[i].sandbox.key, plans[i].sandbox.container_id
+                        plans[i].sandbox.id,
+                        plans[i].sandbox.key,
+                        plans[i].sandbox.container_id,
+                        plans[i].ifname,
                     ),
                 )
                 for i in idxs
@@ -904,7 +917,7 @@ class NetworkController:
             items = [
                 (p.sandbox.key, n)
                 for p in survivors
-                for n in _join_names(p.endpoint.id, p.network.driver)
+                for n in _join_names(p.endpoint.id, p.network.driver, p.ifname)
             ]
             for outcome in self._interfaces.retire(items):
                 if outcome is not None and outcome.errno not in (errno.ENODEV,):
@@ -1226,13 +1239,15 @@ def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) ->
     return out
 
 
-def _join_names(endpoint_id: str, driver: str) -> list[str]:
-    """Names a half-made interface may have in its sandbox (rollback of a failed join)."""
+def _join_names(endpoint_id: str, driver: str, ifname: str | None) -> list[str]:
+    """Names a half-made interface may have in its sandbox (rollback of a failed join):
+    the name the driver made it under, or the one it was renamed to."""
+    names = [ifname] if ifname else []
     if driver == "bridge":
         from .drivers.bridge import peer_name
 
-        return [peer_name(endpoint_id)]
-    return []
+        names.append(peer_name(endpoint_id))
+    return names
 
 
 def _interface_config(

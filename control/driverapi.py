@@ -91,11 +91,18 @@ class StaticRoute:
 
 @dataclass(frozen=True)
 class SandboxInfo:
-    """The sandbox a join targets: its id and key (the netns path)."""
+    """The sandbox a join targets: its id and key (the netns path).
+
+    `ifname` is the name the sandbox layer will give the joining interface if the driver
+    asks for the "eth" prefix (the lowest free index). A driver that creates the
+    interface inside the sandbox may create it under that name directly and return it
+    as `src_name`, which saves a rename; any other name is renamed as usual.
+    """
 
     id: str
     key: str
     container_id: str
+    ifname: str | None = None
 
 
 @dataclass(frozen=True)

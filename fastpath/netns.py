@@ -190,10 +190,12 @@ class NamespaceWorker:
         self._jobs.put((fn, fut))
         return fut.result()
 
-    def create(self, path: str) -> None:
+    def create(self, path: str, prepare: Callable[[str], None] | None = None) -> None:
         """Create a new network namespace bind-mounted at `path`, loopback up.
 
-        `path` must not exist. On any failure nothing is left behind.
+        `prepare(path)`, if given, runs inside the new namespace before the worker comes
+        home (sysctls, a socket opened there). `path` must not exist. On any failure
+        nothing is left behind.
         """
 
         def job() -> None:
@@ -206,6 +208,8 @@ class NamespaceWorker:
                     mount("/proc/thread-self/ns/net", path, None, MS_BIND)
                     mounted = True
                     _set_link_up("lo")
+                    if prepare is not None:
+                        prepare(path)
             except BaseException:
                 if mounted:
                     with contextlib.suppress(OSError):
@@ -233,7 +237,9 @@ class NamespaceWorker:
 
         return self.submit(job)
 
-    def create_many(self, paths: Sequence[str]) -> list[BaseException | None]:
+    def create_many(
+        self, paths: Sequence[str], prepare: Callable[[str], None] | None = None
+    ) -> list[BaseException | None]:
         """Create many namespaces in one job (one thread hand-off in all).
 
         Returns, per path, None or the error that path met; a failed path leaves nothing.
@@ -243,7 +249,7 @@ class NamespaceWorker:
             out: list[BaseException | None] = []
             for path in paths:
                 try:
-                    self.create(path)
+                    self.create(path, prepare)
                     out.append(None)
                 except OSError as exc:
                     out.append(exc)
@@ -299,9 +305,9 @@ def worker() -> NamespaceWorker:
         return _worker
 
 
-def create(path: str) -> None:
+def create(path: str, prepare: Callable[[str], None] | None = None) -> None:
     """Create a network namespace bind-mounted at `path` with loopback up."""
-    worker().create(path)
+    worker().create(path, prepare)
 
 
 def enter_throwaway_host() -> None:
@@ -318,9 +324,11 @@ def enter_throwaway_host() -> None:
     _set_link_up("lo")
 
 
-def create_many(paths: Sequence[str]) -> list[BaseException | None]:
+def create_many(
+    paths: Sequence[str], prepare: Callable[[str], None] | None = None
+) -> list[BaseException | None]:
     """Create many namespaces at once; per path None or its error (see NamespaceWorker)."""
-    return worker().create_many(paths)
+    return worker().create_many(paths, prepare)
 
 
 def each(fds: Sequence[int], fn: Callable[[int], T]) -> list[T | BaseException]:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 import random
+import resource
 import socket
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -261,13 +263,32 @@ class NetlinkSocket:
 
 # --- one socket per namespace, opened once ---------------------------------------------
 
-_sockets: dict[tuple[str | None, int, int, str], NetlinkSocket] = {}
+# Cached sockets, least recently used first. Sockets of other namespaces (sandboxes) are
+# evicted beyond a share of the file-descriptor limit; the caller's own never is.
+_sockets: OrderedDict[tuple[str | None, int, int, str], NetlinkSocket] = OrderedDict()
 _sockets_lock = threading.Lock()
+FD_SHARE = 4  # at most RLIMIT_NOFILE // FD_SHARE cached sockets
 
 
 def _identity(path: str | None) -> tuple[int, int]:
     st = os.stat(path if path is not None else "/proc/thread-self/ns/net")
     return st.st_dev, st.st_ino
+
+
+def _cache_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 16
+    return max(16, soft // FD_SHARE)
+
+
+def _remember(key: tuple[str | None, int, int, str], sock: NetlinkSocket) -> None:
+    """Cache `sock` (lock held), evicting the least recently used sandbox sockets."""
+    _sockets[key] = sock
+    excess = len(_sockets) - _cache_limit()
+    if excess > 0:
+        for old in [k for k in _sockets if k[0] is not None and k != key][:excess]:
+            _sockets.pop(old).close()
 
 
 def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> NetlinkSocket:
@@ -282,9 +303,33 @@ def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> 
     key = (netns_path, *_identity(netns_path), name)
     with _sockets_lock:
         sock = _sockets.get(key)
-        if sock is None:
-            sock = _sockets[key] = NetlinkSocket(netns_path, backend=name)
+        if sock is not None:
+            _sockets.move_to_end(key)
+            return sock
+    sock = NetlinkSocket(netns_path, backend=name)  # outside the lock: a worker hop
+    with _sockets_lock:
+        if key in _sockets:  # another thread was quicker
+            sock.close()
+            return _sockets[key]
+        _remember(key, sock)
         return sock
+
+
+def adopt_current(netns_path: str, *, backend: str | None = None) -> NetlinkSocket:
+    """Open and cache the socket of `netns_path` from a thread that is inside that
+    namespace now (the namespace worker, right after creating it): no extra hop."""
+    from . import select_backend
+
+    name = select_backend(backend)
+    sock = NetlinkSocket(None, backend=name)
+    sock.netns_path = netns_path
+    key = (netns_path, *_identity(netns_path), name)
+    with _sockets_lock:
+        stale = _sockets.pop(key, None)
+        if stale is not None:
+            stale.close()
+        _remember(key, sock)
+    return sock
 
 
 def forget(netns_path: str) -> None:

@@ -34,6 +34,7 @@ MAX_PORTS = 1024  # a Linux bridge refuses its 1025th port (BR_MAX_PORTS)
 _IFNAME_RE = re.compile(r"[^\s/:]{1,15}\Z")
 HOST_PREFIX = "vc"
 PEER_PREFIX = "cnm"
+HOST_NETNS = "/proc/self/ns/net"  # join_on_host: the container end stays here
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ class BridgeDriver:
             VethIntoSandbox(
                 host_name=host_name(eid),
                 sandbox_key=sb.key,
-                peer_name=peer_name(eid),
+                peer_name=sb.ifname or peer_name(eid),
                 master=net.index or 0,
                 mtu=net.options.mtu,
                 hairpin=True,
@@ -219,6 +220,21 @@ class BridgeDriver:
                 )
             )
         return out
+
+    def join_on_host(self, network_id: str, endpoint_id: str) -> JoinInfo:
+        """A join for an engine that moves the interface into its own sandbox itself (the
+        plugin server; spec/remote-protocol.md, Join): the pair's container end is made in
+        the host namespace, named `peer_name(endpoint_id)`, for the engine to move in."""
+        info = self.join(network_id, endpoint_id, SandboxInfo(endpoint_id, HOST_NETNS, ""))
+        return JoinInfo(
+            src_name=info.src_name,
+            in_sandbox=False,
+            dst_prefix=info.dst_prefix,
+            gateway=info.gateway,
+            gateway_ipv6=info.gateway_ipv6,
+            static_routes=info.static_routes,
+            disable_gateway_service=info.disable_gateway_service,
+        )
 
     def leave(self, network_id: str, endpoint_id: str) -> None:
         self.leave_many([(network_id, endpoint_id)])

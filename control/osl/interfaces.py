@@ -10,8 +10,8 @@ each; no process is spawned.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -44,9 +44,10 @@ class InterfaceConfig:
     gateway: IPAddress | None = None
     gateway6: IPAddress | None = None
     routes: tuple[bulk.Route, ...] = ()
+    name: str | None = None  # set when src_name is already the final name: no rename
 
 
-def _free_name(existing: set[str], prefix: str) -> str:
+def free_name(existing: set[str], prefix: str) -> str:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\Z")
     used = {int(m.group(1)) for n in existing if (m := pattern.match(n))}
     i = 0
@@ -55,22 +56,33 @@ def _free_name(existing: set[str], prefix: str) -> str:
     return f"{prefix}{i}"
 
 
-def _set_ipv6_disabled(name: str) -> None:
+def _enable_ipv6(name: str) -> None:
     # Runs inside the sandbox (the worker thread's namespace): /proc/sys/net is per netns.
+    # Sandboxes start with IPv6 off for new interfaces (osl.namespace); only an interface
+    # that gets an IPv6 address turns it back on.
     with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-        f.write("1")
+        f.write("0")
 
 
 def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     """Inside the sandbox: name, address and route the interface; returns its name."""
-    # One dump gives both the interface's index and the names in use.
-    links = {rec.name: rec for rec in map(records.link_record, sock.dump(rtnl.dump_links()))}
-    link = links.pop(cfg.src_name, None)
-    if link is None:
-        raise NetlinkError(errno.ENODEV, f"no interface {cfg.src_name} in the sandbox")
-    name = _free_name(set(links), cfg.dst_prefix)
-    idx = link.index
-    reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
+    if cfg.name is not None and cfg.name == cfg.src_name:
+        # Made under its final name: only its index is needed.
+        idx = records.link_record(sock.get(rtnl.link_get(cfg.name))).index
+        name = cfg.name
+        reqs = []
+        if cfg.mac is not None or cfg.mtu is not None:
+            reqs.append(rtnl.link_set(idx, mac=cfg.mac, mtu=cfg.mtu))
+    else:
+        # One dump gives both the interface's index and the names in use.
+        dump = sock.dump(rtnl.dump_links())
+        links = {rec.name: rec for rec in map(records.link_record, dump)}
+        link = links.pop(cfg.src_name, None)
+        if link is None:
+            raise NetlinkError(errno.ENODEV, f"no interface {cfg.src_name} in the sandbox")
+        name = free_name(set(links), cfg.dst_prefix)
+        idx = link.index
+        reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
     reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
     reqs.append(rtnl.link_set(idx, up=True))
     if cfg.gateway is not None:
@@ -80,9 +92,6 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     for r in cfg.routes:
         reqs.append(rtnl.route_add(r.destination, gateway=r.gateway, oif=idx))
     sock.execute(reqs).raise_first()
-    if not any(a.version == 6 for a in cfg.addresses):
-        with contextlib.suppress(FileNotFoundError):  # a kernel without IPv6
-            _set_ipv6_disabled(name)
     return name
 
 
@@ -93,41 +102,40 @@ class SandboxInterfaces:
         self.backend = backend
 
     def add(self, items: Sequence[tuple[str, InterfaceConfig]]) -> list[str | errors.CNMError]:
-        """Configure interfaces in many sandboxes (key, config) in one worker job.
+        """Configure interfaces in many sandboxes (key, config), each through the
+        sandbox's cached netlink socket from the caller's thread (no namespace hop but
+        for an interface that needs IPv6 turned on).
 
         Returns, per item, the interface's name in its sandbox or the error it met (the
-        caller rolls back through the driver, which owns the device).
+        caller rolls back through the driver, which owns the device). Failing to reach a
+        sandbox or to move an interface in raises.
         """
         out: list[str | errors.CNMError] = []
-        fds: list[int] = []
-        try:
-            for key, cfg in items:
-                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-                fds.append(fd)
+        for key, cfg in items:
+            try:
+                sock = socket_for(key, backend=self.backend)
                 if not cfg.in_sandbox:
-                    host = socket_for(None, backend=self.backend)
-                    link = records.link_record(host.get(rtnl.link_get(cfg.src_name)))
-                    host.request(rtnl.link_set(link.index, netns_fd=fd))
-
-            def configure(k: int) -> str:
-                with NetlinkSocket(backend=self.backend) as sock:
-                    return _configure(sock, items[k][1])
-
-            for (key, _), outcome in zip(items, netns.each(fds, configure), strict=True):
-                if isinstance(outcome, OSError):
-                    out.append(kernel_error(outcome, f"configure interface in {key}"))
-                elif isinstance(outcome, BaseException):
-                    raise outcome
-                else:
-                    out.append(outcome)
-        except NetlinkError as exc:
-            raise kernel_error(exc, "move interface into sandbox") from None
-        except OSError as exc:
-            raise kernel_error(exc, "open sandbox") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
+                    self._move_in(key, cfg.src_name)
+            except NetlinkError as exc:
+                raise kernel_error(exc, "move interface into sandbox") from None
+            except OSError as exc:
+                raise kernel_error(exc, "open sandbox") from None
+            try:
+                if any(a.version == 6 for a in cfg.addresses):
+                    netns.run_in(key, functools.partial(_enable_ipv6, cfg.src_name))
+                out.append(_configure(sock, cfg))
+            except OSError as exc:
+                out.append(kernel_error(exc, f"configure interface in {key}"))
         return out
+
+    def _move_in(self, key: str, name: str) -> None:
+        host = socket_for(None, backend=self.backend)
+        link = records.link_record(host.get(rtnl.link_get(name)))
+        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            host.request(rtnl.link_set(link.index, netns_fd=fd))
+        finally:
+            os.close(fd)
 
     def set_default_route(
         self, key: str, ifname: str, gateway: IPAddress | None, gateway6: IPAddress | None
@@ -153,40 +161,24 @@ class SandboxInterfaces:
         """Inside each sandbox (key, interface name): take the interface down, drop its
         addresses and rename it out of the way, so a later join may reuse the name and
         the addresses at once while the device waits for its batched deletion."""
-        fds: list[int] = []
-        try:
-            for key, _ in items:
-                fds.append(os.open(key, os.O_RDONLY | os.O_CLOEXEC))
+        out: list[errors.CNMError | None] = []
+        for key, name in items:
+            try:
+                _retire(socket_for(key, backend=self.backend), name)
+                out.append(None)
+            except OSError as exc:
+                out.append(kernel_error(exc, f"retire {name} in {key}"))
+        return out
 
-            def retire(k: int) -> None:
-                name = items[k][1]
-                with NetlinkSocket(backend=self.backend) as sock:
-                    try:
-                        link = records.link_record(sock.get(rtnl.link_get(name)))
-                    except NetlinkError as exc:
-                        if exc.errno == errno.ENODEV:
-                            return  # already gone
-                        raise
-                    addrs = [records.addr_record(m) for m in sock.dump(rtnl.dump_addrs())]
-                    reqs = [
-                        rtnl.link_set(
-                            link.index, up=False, name=f"{_TOMB_PREFIX}{link.index:x}"[:15]
-                        )
-                    ]
-                    reqs += [
-                        rtnl.addr_del(link.index, a.address) for a in addrs if a.index == link.index
-                    ]
-                    sock.execute(reqs).raise_first()
 
-            outcomes = netns.each(fds, retire)
-        except OSError as exc:
-            raise kernel_error(exc, "open sandbox") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return [
-            kernel_error(o, f"retire {items[i][1]} in {items[i][0]}")
-            if isinstance(o, OSError)
-            else None
-            for i, o in enumerate(outcomes)
-        ]
+def _retire(sock: NetlinkSocket, name: str) -> None:
+    try:
+        link = records.link_record(sock.get(rtnl.link_get(name)))
+    except NetlinkError as exc:
+        if exc.errno == errno.ENODEV:
+            return  # already gone
+        raise
+    addrs = [records.addr_record(m) for m in sock.dump(rtnl.dump_addrs())]
+    reqs = [rtnl.link_set(link.index, up=False, name=f"{_TOMB_PREFIX}{link.index:x}"[:15])]
+    reqs += [rtnl.addr_del(link.index, a.address) for a in addrs if a.index == link.index]
+    sock.execute(reqs).raise_first()

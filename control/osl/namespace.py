@@ -1,12 +1,15 @@
 """Sandbox namespaces: network namespaces bind-mounted at run_dir/netns/<sandbox id>.
 
-Owns the netns directory under run_dir: creating a sandbox's namespace (loopback up),
+Owns the netns directory under run_dir: creating a sandbox's namespace (loopback up,
+IPv6 off by default for the interfaces that will come, a netlink socket opened inside and
+kept, so joins configure the sandbox from the caller's thread without a namespace hop),
 deleting it, telling whether a key still holds a live namespace, and listing what is
 mounted there so reconcile can find namespaces that no sandbox owns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -31,11 +34,25 @@ def kernel_error(exc: OSError, operation: str) -> errors.CNMError:
     return errors.KernelError(exc.errno or 0, message, operation=operation)
 
 
+def _disable_ipv6_by_default() -> None:
+    # Runs inside the new namespace (/proc/sys/net is per netns). Interfaces created in or
+    # moved into the sandbox later start with IPv6 off; a join with an IPv6 address turns
+    # it on for that interface only (osl.interfaces).
+    path = "/proc/sys/net/ipv6/conf/default/disable_ipv6"
+    with contextlib.suppress(FileNotFoundError), open(path, "w") as f:  # no IPv6: nothing
+        f.write("1")
+
+
 class NamespaceStore:
     """The directory of sandbox keys."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, backend: str | None = None) -> None:
         self.dir = os.path.join(run_dir, "netns")
+        self.backend = backend
+
+    def _prepare(self, path: str) -> None:
+        _disable_ipv6_by_default()
+        transport.adopt_current(path, backend=self.backend)
 
     def key(self, sandbox_id: str) -> str:
         return os.path.join(self.dir, sandbox_id)
@@ -48,7 +65,7 @@ class NamespaceStore:
         path = key or self.key(sandbox_id)
         try:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-            netns.create(path)
+            netns.create(path, self._prepare)
         except OSError as exc:
             raise kernel_error(exc, f"create namespace {path}") from None
         return path
@@ -62,11 +79,12 @@ class NamespaceStore:
             os.makedirs(self.dir, mode=0o755, exist_ok=True)
         except OSError as exc:
             raise kernel_error(exc, f"create {self.dir}") from None
-        outcomes = netns.create_many(paths)
+        outcomes = netns.create_many(paths, self._prepare)
         failed = [(p, e) for p, e in zip(paths, outcomes, strict=True) if e is not None]
         if failed:
             for path, outcome in zip(paths, outcomes, strict=True):
                 if outcome is None:
+                    transport.forget(path)
                     netns.delete(path)
             path, exc = failed[0]
             assert isinstance(exc, OSError)
