@@ -64,21 +64,21 @@ def _floor(binary: str, mode: str, paths: list[str], tag: str) -> dict:
             netns.delete(p)
 
 
-def _controller(root: Path, tag: str) -> NetworkController:
-    return NetworkController(state_dir=str(root / f"state-{tag}"), run_dir=str(root / f"run-{tag}"))
+def _controller(state: Path, run: Path, tag: str) -> NetworkController:
+    return NetworkController(state_dir=str(state / f"state-{tag}"), run_dir=str(run / f"run-{tag}"))
 
 
-def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path) -> None:
+def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path, run_root: Path) -> None:
     settle()
     floor = (
-        _floor(floor_binary, "sequential", [str(tmp_path / f"s{i}") for i in range(SEQ)], "seq")[
+        _floor(floor_binary, "sequential", [str(run_root / f"s{i}") for i in range(SEQ)], "seq")[
             "p50_ms"
         ]
         / 1000
     )
     settle()
     times: list[float] = []
-    with _controller(tmp_path, "seq") as ctl:
+    with _controller(tmp_path, run_root, "seq") as ctl:
         net = ctl.create_network("seq", ipv4=[IPAMConfig(subnet="10.210.0.0/16")])
         eps = net.create_endpoints([f"e{i}" for i in range(SEQ)])
         sbs = [ctl.create_sandbox(f"c{i}") for i in range(SEQ)]
@@ -96,7 +96,7 @@ def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path) -> None:
         ctl.delete_endpoints(eps)
         net.delete()
     settle()
-    cni = bench_cni(str(tmp_path), SEQ, Progress(False))
+    cni = bench_cni(str(run_root), SEQ, Progress(False))
     ours = statistics.median(times)
     benchmark.extra_info["containers"] = SEQ
     record_ratio(benchmark, "join_p50_vs_c_floor", ours, floor)
@@ -104,15 +104,17 @@ def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path) -> None:
         record_ratio(benchmark, "cni_join_p50_vs_cnm", cni.join_p50_ms / 1000, ours)
 
 
-def test_join_many_and_leave_many(benchmark, floor_binary: str, tmp_path: Path) -> None:
+def test_join_many_and_leave_many(
+    benchmark, floor_binary: str, tmp_path: Path, run_root: Path
+) -> None:
     settle()
     floor_attach = _floor(
-        floor_binary, "create", [str(tmp_path / f"b{i}") for i in range(N)], "bulk"
+        floor_binary, "create", [str(run_root / f"b{i}") for i in range(N)], "bulk"
     )["attach_s"]
     # The group-delete floor: a batched attach, then one message for the group and the
     # namespaces unmounted (the kernel's own batching of device teardown).
     settle()
-    paths = [str(tmp_path / f"d{i}") for i in range(N)]
+    paths = [str(run_root / f"d{i}") for i in range(N)]
     bridge = _bridge("brfdel")
     assert not any(netns.create_many(paths))
     out = subprocess.run(
@@ -131,7 +133,7 @@ def test_join_many_and_leave_many(benchmark, floor_binary: str, tmp_path: Path) 
     socket_for(None).request(rtnl.link_del(bridge))
     settle()
 
-    with _controller(tmp_path, "bulk") as ctl:
+    with _controller(tmp_path, run_root, "bulk") as ctl:
         net = ctl.create_network("bulk", ipv4=[IPAMConfig(subnet="10.211.0.0/16")])
         eps = net.create_endpoints([f"e{i}" for i in range(N)])
         pairs = [(ep, f"c{i}") for i, ep in enumerate(eps)]

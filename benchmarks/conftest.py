@@ -35,3 +35,11 @@ def floor_binary() -> Iterator[str]:
         src = Path(__file__).with_name("attach_floor.c")
         subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
         yield out
+
+
+@pytest.fixture
+def run_root() -> Iterator[Path]:
+    """A directory on the throwaway host's private /run (tmpfs), as a real host's
+    /run/cnm is: sandbox keys and their files go there; state stays on disk."""
+    with tempfile.TemporaryDirectory(dir="/run", prefix="cnm-bench-") as d:
+        yield Path(d)

@@ -95,9 +95,13 @@ def _run(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None
     return proc.stdout
 
 
-def bench_cnm(root: str, backend: str, n: int, progress: Progress) -> Result:
+def bench_cnm(
+    root: str, backend: str, n: int, progress: Progress, state_root: str | None = None
+) -> Result:
     with NetworkController(
-        state_dir=f"{root}/state-{backend}", run_dir=f"{root}/run-{backend}", fastpath=backend
+        state_dir=f"{state_root or root}/state-{backend}",
+        run_dir=f"{root}/run-{backend}",
+        fastpath=backend,
     ) as ctl:
         net = ctl.create_network("bench", driver="bridge", ipv4=[IPAMConfig(subnet=SUBNET)])
         eps = net.create_endpoints([f"e{i}" for i in range(n)])
@@ -339,10 +343,15 @@ def bench(
     _throwaway_host()
     progress = Progress(not as_json)
     results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="cnm-bench-") as root:
+    # Namespaces and runtime files on the throwaway host's private /run (tmpfs, as on a
+    # real host); cnm's store on disk, as /var/lib/cnm is.
+    with (
+        tempfile.TemporaryDirectory(prefix="cnm-bench-", dir="/run") as root,
+        tempfile.TemporaryDirectory(prefix="cnm-bench-state-") as state_root,
+    ):
         backends = (["native"] if fastpath.native_available() else []) + ["python"]
         for backend in backends:
-            results.append(bench_cnm(root, backend, containers, progress))
+            results.append(bench_cnm(root, backend, containers, progress, state_root))
         runners = {"cni": bench_cni, "pyroute2": bench_pyroute2, "ip": bench_ip}
         for method in chosen:
             results.append(runners[method](root, containers, progress))

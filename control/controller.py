@@ -40,6 +40,7 @@ from .driverapi import (
     NetworkInfo,
     Restorable,
     SandboxInfo,
+    implements,
 )
 from .drivers import DriverRegistry, builtin_registry
 from .endpoint import Endpoint
@@ -221,7 +222,7 @@ class NetworkController:
         """The network's driver, told about the network first if it keeps state in memory
         (a network created before this controller started, or by another process)."""
         drv = self._driver(rec.driver)
-        if isinstance(drv, Restorable) and (drv.name, rec.id) not in self._announced:
+        if implements(drv, Restorable) and (drv.name, rec.id) not in self._announced:
             drv.restore_network(self._network_info(rec, drv))
             self._announced.add((drv.name, rec.id))
         return drv
@@ -809,7 +810,7 @@ class NetworkController:
                     join_data[p.endpoint.id]["ifname"] = outcome
                 for p in plans:
                     drv = self._driver(p.network.driver)
-                    if isinstance(drv, ExternalConnectivity):
+                    if implements(drv, ExternalConnectivity):
                         drv.program_external_connectivity(
                             p.network.id, p.endpoint.id, p.endpoint.options
                         )
@@ -833,7 +834,15 @@ class NetworkController:
                 self._store.put_sandboxes(
                     [replace(sb, state="ready") for sb in new_sandboxes.values()]
                 )
-            self._write_files({p.sandbox.id for p in plans})
+            # Without a hostname a sandbox's files do not depend on its endpoints: they
+            # were written when it was made.
+            self._write_files(
+                {
+                    p.sandbox.id
+                    for p in plans
+                    if p.sandbox.hostname or p.sandbox.container_id in new_sandboxes
+                }
+            )
             return [p.sandbox.key for p in plans]
 
     def _check_ports(self, plans: list[_JoinPlan]) -> None:
@@ -875,7 +884,7 @@ class NetworkController:
                 )
                 for i in idxs
             ]
-            if isinstance(drv, BulkJoin):
+            if implements(drv, BulkJoin):
                 outcomes: list[Any] = drv.join_many(items)
             else:
                 outcomes = []
@@ -926,7 +935,7 @@ class NetworkController:
         for p in reversed(joined):
             drv = self._driver(p.network.driver)
             try:
-                if isinstance(drv, ExternalConnectivity):
+                if implements(drv, ExternalConnectivity):
                     drv.revoke_external_connectivity(p.network.id, p.endpoint.id)
                 drv.leave(p.network.id, p.endpoint.id)
             except Exception as cleanup:
@@ -993,7 +1002,7 @@ class NetworkController:
                         empty[sb.id] = replace(sb, state="deleting")
                 self._store.put_sandboxes(list(empty.values()))
             self._delete_sandbox_namespaces(list(empty.values()), failures)
-            self._write_files({sb.id for _, sb in left} - set(empty))
+            self._write_files({sb.id for _, sb in left if sb.hostname} - set(empty))
             _raise_all(failures, "leave")
 
     def _leave_kernel(
@@ -1027,13 +1036,13 @@ class NetworkController:
             drv = self._driver_for(group[0][1])
             for _, net, _ in group:
                 self._driver_for(net)
-            if isinstance(drv, ExternalConnectivity):
+            if implements(drv, ExternalConnectivity):
                 for rec, net, _ in group:
                     try:
                         drv.revoke_external_connectivity(net.id, rec.id)
                     except Exception as exc:
                         failures.append(exc)
-            if isinstance(drv, BulkJoin):
+            if implements(drv, BulkJoin):
                 try:
                     drv.leave_many([(net.id, rec.id) for rec, net, _ in group])
                 except Exception as exc:

@@ -274,3 +274,17 @@ class BulkJoin(Protocol):
         ...
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None: ...
+
+
+_implements: dict[tuple[type, type], bool] = {}
+
+
+def implements(driver: object, protocol: type) -> bool:
+    """isinstance(driver, protocol) for the opt-in protocols above, remembered per driver
+    class (a runtime_checkable isinstance walks every member on each call: on the join
+    path that is measurable)."""
+    key = (type(driver), protocol)
+    found = _implements.get(key)
+    if found is None:
+        found = _implements[key] = isinstance(driver, protocol)
+    return found

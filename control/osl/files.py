@@ -2,7 +2,8 @@
 
 Owns run_dir/sandboxes/<sandbox id>/, written from the sandbox's options (hostname,
 extra hosts, DNS servers, search domains) and its endpoints' addresses, as libnetwork's
-sandbox options provide; rewritten on every join and leave, each file atomically.
+sandbox options provide; rewritten on every join and leave when their content changes,
+each file atomically.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ def sandbox_dir(run_dir: str, sandbox_id: str) -> str:
     return os.path.join(run_dir, "sandboxes", sandbox_id)
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str, *, unless_same: bool = False) -> None:
+    if unless_same:
+        # Reading is far cheaper than an atomic rewrite (a new inode and a rename).
+        with contextlib.suppress(OSError), open(path) as f:
+            if f.read() == text:
+                return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -60,7 +66,7 @@ def write_files(
     for entry in extra_hosts:
         name, _, ip = entry.partition(":")
         hosts.append(f"{ip}\t{name}")
-    _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n")
+    _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n", unless_same=True)
     # resolv.conf and hostname follow the sandbox's options, which never change: written
     # once; hosts follows the addresses, rewritten every time.
     resolv_path = os.path.join(d, "resolv.conf")
