@@ -124,6 +124,16 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated: cni, pyroute2, ip (empty: cnm only)",
     )
     b.add_argument("--json", dest="json_file", metavar="FILE", help="also write JSON here")
+    pl = sub.add_parser("plugin", help="serve cnm's drivers to a container engine")
+    pls = pl.add_subparsers(dest="action", required=True, metavar="ACTION").add_parser(
+        "serve", help="the bridge driver and the default IPAM as a remote plugin, until SIGTERM"
+    )
+    pls.add_argument("--name", default="cnm", help="plugin name: the socket is NAME.sock")
+    pls.add_argument("--plugin-dir", default="/run/docker/plugins")
+    ag = sub.add_parser("agent", help="keep this host in step (overlay peers, repairs)")
+    ag.add_argument("--store", default=os.environ.get("CNM_STORE"), help="etcd://HOST:PORT/PREFIX")
+    ag.add_argument("--repair-interval", type=float, default=None, metavar="SECONDS")
+    ag.add_argument("--status-every", type=float, default=0, metavar="SECONDS")
     return p
 
 
@@ -328,6 +338,32 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         compare = [c.strip() for c in args.compare.split(",") if c.strip()]
         return bench(args.containers, compare, args.json_file, as_json=args.json)
+    if args.command == "plugin":
+        from .plugin import serve
+
+        def ready(path: str) -> None:
+            print(f"serving {path}", flush=True)
+
+        serve(
+            args.state_dir,
+            args.run_dir,
+            name=args.name,
+            plugin_dir=args.plugin_dir,
+            fastpath=args.fastpath,
+            ready=ready,
+        )
+        return 0
+    if args.command == "agent":
+        from .globalscope import run_agent
+
+        return run_agent(
+            args.state_dir,
+            args.run_dir,
+            fastpath=args.fastpath,
+            store=args.store,
+            repair_interval=args.repair_interval,
+            status_every=args.status_every,
+        )
     if args.command == "demo":
         from .demo import demo
 

@@ -35,6 +35,7 @@ from .driverapi import (
     Driver,
     EndpointInfo,
     ExternalConnectivity,
+    HostJoin,
     InterfaceInfo,
     JoinInfo,
     NetworkInfo,
@@ -117,13 +118,9 @@ class NetworkController:
             self.fastpath = _select_fastpath(fastpath)
         except ValueError as exc:
             raise errors.InvalidParameter(str(exc)) from None
-        if store is not None:
-            if not isinstance(store, str) or not _ETCD_RE.match(store):
-                raise errors.InvalidParameter(
-                    f"store must be None or 'etcd://host:port[,host:port]/prefix', not {store!r}"
-                )
-            raise errors.Unsupported(
-                "the etcd global store is not part of this build yet; use store=None"
+        if store is not None and (not isinstance(store, str) or not _ETCD_RE.match(store)):
+            raise errors.InvalidParameter(
+                f"store must be None or 'etcd://host:port[,host:port]/prefix', not {store!r}"
             )
         if ebpf not in ("auto", "on", "off"):
             raise errors.InvalidParameter(f"ebpf must be 'auto', 'on' or 'off', not {ebpf!r}")
@@ -142,18 +139,37 @@ class NetworkController:
         self._links = HostLinks(backend=self.fastpath)
         self._interfaces = SandboxInterfaces(backend=self.fastpath)
         self._registry: DriverRegistry = builtin_registry(self._links, Firewall())
+        from .drivers.remote import remote_driver
+        from .plugins import Plugins
+
+        # Remote plugins are found by name when no built-in driver has it.
+        self._plugins = Plugins(self.plugin_dirs)
+        self._registry.add_resolver(lambda name: remote_driver(self._plugins, name))
         self._namespaces = NamespaceStore(run_dir, backend=self.fastpath)
         self._lock = threading.RLock()
         self._announced: set[tuple[str, str]] = set()
         self._closed = False
         self._reaper = threading.Thread(target=self._reap_loop, name="cnm-reaper", daemon=True)
         self._reaper.start()
+        # Global scope (issue 6): overlay networks, their IPAM and peers live in etcd.
+        self._global: Any = None
+        if store is not None:
+            from .globalscope import GlobalScope
+
+            try:
+                self._global = GlobalScope(self, store)
+                self._global.attach()
+            except BaseException:
+                self.close()
+                raise
 
     # --- life of the controller ----------------------------------------------------------
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._global is not None:  # global scope: stop the agent first
+                self._global.close()
             self._links.wake()
             self._reaper.join()
             self._reap()
@@ -198,10 +214,15 @@ class NetworkController:
     def ipam_driver(self, name: str) -> IpamDriver:
         if name == "null":
             raise errors.InvalidParameter("the null IPAM driver allocates nothing")
-        try:
-            return self._ipam[name]
-        except KeyError:
-            raise errors.DriverNotFound(name) from None
+        found = self._ipam.get(name)
+        if found is None:  # an IPAM plugin by that name, kept once found
+            from .ipam.remote import remote_ipam
+
+            found = remote_ipam(self._plugins, name)
+            if found is None:
+                raise errors.DriverNotFound(name)
+            found = self._ipam.setdefault(name, found)
+        return found
 
     def _driver(self, name: str) -> Driver:
         return self._registry.get(name)
@@ -251,14 +272,19 @@ class NetworkController:
     def network(self, ref: str) -> Network:
         """A network by name, id, or unique id prefix."""
         s = self._store
-        rec = self._resolve(
-            "network",
-            ref,
-            s.network_by_id,
-            s.network_by_name,
-            s.networks_by_id_prefix,
-            errors.NetworkNotFound(str(ref)),
-        )
+        try:
+            rec = self._resolve(
+                "network",
+                ref,
+                s.network_by_id,
+                s.network_by_name,
+                s.networks_by_id_prefix,
+                errors.NetworkNotFound(str(ref)),
+            )
+        except errors.NetworkNotFound:
+            if self._global is None:
+                raise
+            rec = self._global.fetch_network(ref)  # global scope: made on another host
         return Network(self, rec)
 
     def networks(self) -> list[Network]:
@@ -372,9 +398,13 @@ class NetworkController:
                         ipam, net_id, space, v4 or [None], ipam_opts, False
                     )
                     if enable_ipv6:
-                        pools6 = self._request_pools(
-                            ipam, net_id, space, v6 or [None], ipam_opts, True
-                        )
+                        try:
+                            pools6 = self._request_pools(
+                                ipam, net_id, space, v6 or [None], ipam_opts, True
+                            )
+                        except BaseException as exc:  # a remote IPAM keeps what it gave
+                            _undo_ipam(ipam, _pool_holdings(pools4), exc)
+                            raise
                 rec = NetworkRecord(
                     id=net_id,
                     name=name,
@@ -402,10 +432,16 @@ class NetworkController:
                 internal=internal,
                 labels=labels_,
             )
+            published = False
             try:
+                if self._global is not None and scope != "local":  # global scope
+                    self._global.publish_network(rec)
+                    published = True
                 drv.create_network(info)
                 self._announced.add((drv.name, net_id))
             except BaseException:
+                if published:
+                    self._global.withdraw_network(rec, check=False)
                 with self._store.tx():
                     self._release_network_pools(rec)
                     self._store.delete_network(net_id)
@@ -424,43 +460,50 @@ class NetworkController:
         v6: bool,
     ) -> tuple[PoolData, ...]:
         out = []
-        for cfg in configs:
-            res = ipam.request_pool(
-                PoolRequest(
-                    address_space=space,
-                    pool=cfg.subnet if cfg else None,
-                    sub_pool=cfg.ip_range if cfg else None,
-                    options=options,
-                    v6=v6,
+        # What was taken so far, given back if a later step fails: a store rollback
+        # undoes the default IPAM's part, not a remote IPAM's.
+        undo: list[tuple[str, IPAddress | None]] = []
+        try:
+            for cfg in configs:
+                res = ipam.request_pool(
+                    PoolRequest(
+                        address_space=space,
+                        pool=cfg.subnet if cfg else None,
+                        sub_pool=cfg.ip_range if cfg else None,
+                        options=options,
+                        v6=v6,
+                    )
                 )
-            )
-            gateway = res.data.get(GATEWAY_DATA_KEY)
-            if not gateway:
-                gateway = str(
-                    ipam.request_address(
+                undo.append((res.pool_id, None))
+                gateway = res.data.get(GATEWAY_DATA_KEY)
+                if not gateway:
+                    gw = ipam.request_address(
                         res.pool_id,
                         cfg.gateway if cfg else None,
                         {REQUEST_ADDRESS_TYPE: GATEWAY_ADDRESS_TYPE},
                         owner=owner,
                     )
-                )
-            aux = {
-                name: str(
-                    ipam.request_address(
+                    undo.append((res.pool_id, gw.ip))
+                    gateway = str(gw)
+                aux = {}
+                for name, addr in cfg.aux_addresses.items() if cfg else ():
+                    got = ipam.request_address(
                         res.pool_id, addr, {REQUEST_ADDRESS_TYPE: AUX_ADDRESS_TYPE}, owner=owner
                     )
+                    undo.append((res.pool_id, got.ip))
+                    aux[name] = str(got)
+                out.append(
+                    PoolData(
+                        pool_id=res.pool_id,
+                        subnet=str(res.pool),
+                        gateway=gateway,
+                        ip_range=str(cfg.ip_range) if cfg and cfg.ip_range else None,
+                        aux_addresses=aux,
+                    )
                 )
-                for name, addr in (cfg.aux_addresses.items() if cfg else ())
-            }
-            out.append(
-                PoolData(
-                    pool_id=res.pool_id,
-                    subnet=str(res.pool),
-                    gateway=gateway,
-                    ip_range=str(cfg.ip_range) if cfg and cfg.ip_range else None,
-                    aux_addresses=aux,
-                )
-            )
+        except BaseException as exc:
+            _undo_ipam(ipam, undo, exc)
+            raise
         return tuple(out)
 
     def _release_network_pools(self, rec: NetworkRecord) -> None:
@@ -468,6 +511,12 @@ class NetworkController:
             return
         ipam = self.ipam_driver(rec.ipam_driver)
         for pool in (*rec.ipv4, *rec.ipv6):
+            # The protocol's order: gateway, aux addresses, then the pool.
+            for pool_id, addr in _pool_holdings([pool])[1:]:
+                try:
+                    ipam.release_address(pool_id, addr)  # type: ignore[arg-type]
+                except errors.CNMError as exc:  # the pool's release below frees it anyway
+                    _log.warning("network %s: release %s: %s", rec.name, addr, exc)
             ipam.release_pool(pool.pool_id)
 
     def _delete_network(self, net: Network) -> None:
@@ -483,6 +532,8 @@ class NetworkController:
                     raise errors.Conflict(f"network {rec.name!r} is still being created")
                 self._store.set_network_state(rec.id, "deleting")
             try:
+                if self._global is not None and rec.scope != "local":  # global scope
+                    self._global.withdraw_network(rec)
                 self._driver_for(rec).delete_network(rec.id)
                 self._announced.discard((rec.driver, rec.id))
             except BaseException:
@@ -524,28 +575,38 @@ class NetworkController:
                     raise errors.InvalidParameter(f"network {rec.name!r} has no IPv6 pool")
                 records = []
                 ifaces = []
-                for name, v4, v6, mac, options in parsed:
-                    if self._store.endpoint_by_name(rec.id, name) is not None:
-                        raise errors.NameInUse("endpoint", name)
-                    ep_id = new_id()
-                    a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
-                    a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
-                    records.append(
-                        EndpointRecord(
-                            id=ep_id,
-                            name=name,
-                            network_id=rec.id,
-                            ipv4_address=str(a4) if a4 else None,
-                            ipv6_address=str(a6) if a6 else None,
-                            mac_address=mac or "",
-                            options=options,
-                            sandbox_id=None,
-                            state="creating",
-                            join_state="",
-                            driver_data={},
+                held: list[IPInterface] = []  # given back on failure (a remote IPAM keeps them)
+                try:
+                    for name, v4, v6, mac, options in parsed:
+                        if self._store.endpoint_by_name(rec.id, name) is not None:
+                            raise errors.NameInUse("endpoint", name)
+                        ep_id = new_id()
+                        a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
+                        held += [a4] if a4 else []
+                        a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
+                        held += [a6] if a6 else []
+                        records.append(
+                            EndpointRecord(
+                                id=ep_id,
+                                name=name,
+                                network_id=rec.id,
+                                ipv4_address=str(a4) if a4 else None,
+                                ipv6_address=str(a6) if a6 else None,
+                                mac_address=mac or "",
+                                options=options,
+                                sandbox_id=None,
+                                state="creating",
+                                join_state="",
+                                driver_data={},
+                            )
                         )
-                    )
-                    ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
+                        ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
+                except BaseException as exc:
+                    if held:
+                        _undo_ipam(
+                            self.ipam_driver(rec.ipam_driver), _address_holdings(rec, held), exc
+                        )
+                    raise
                 self._store.put_endpoints(records)
             drv = self._driver_for(rec)
             done: list[EndpointRecord] = []
@@ -631,8 +692,10 @@ class NetworkController:
                 )
             joined = [r for r in recs if r.join_state == "joined"]
             if joined and not force:
-                assert joined[0].sandbox_id is not None
-                raise errors.EndpointJoined(joined[0].name, joined[0].sandbox_id)
+                raise errors.EndpointJoined(joined[0].name, joined[0].sandbox_id or "its engine")
+            for r in [r for r in joined if r.driver_data.get("external")]:
+                self.leave_external(Endpoint(self, r))
+            joined = [r for r in joined if not r.driver_data.get("external")]
             if joined:
                 self.leave_many(
                     [(Endpoint(self, r), self._sandbox_by_id(r.sandbox_id or "")) for r in joined]
@@ -764,7 +827,7 @@ class NetworkController:
                     ifname = free_name(used_names[sb.id], "eth")
                     used_names[sb.id].add(ifname)
                     plans.append(_JoinPlan(rec, net, sb, ifname))
-                self._check_ports(plans)
+                self._check_ports([p.network for p in plans])
                 self._store.put_sandboxes(list(new_sandboxes.values()))
                 self._store.put_endpoints(
                     [
@@ -843,16 +906,18 @@ class NetworkController:
                     if p.sandbox.hostname or p.sandbox.container_id in new_sandboxes
                 }
             )
+            if self._global is not None:  # global scope: publish overlay peer records
+                self._global.joined([p.endpoint for p in plans])
             return [p.sandbox.key for p in plans]
 
-    def _check_ports(self, plans: list[_JoinPlan]) -> None:
+    def _check_ports(self, networks: Sequence[NetworkRecord]) -> None:
         """Refuse, before the kernel does, a join past a driver's port limit (a Linux
-        bridge takes 1024 ports)."""
+        bridge takes 1024 ports); one entry in `networks` per join."""
         adding: dict[str, int] = {}
-        for p in plans:
-            adding[p.network.id] = adding.get(p.network.id, 0) + 1
+        for n in networks:
+            adding[n.id] = adding.get(n.id, 0) + 1
         for net_id, count in adding.items():
-            net = next(p.network for p in plans if p.network.id == net_id)
+            net = next(n for n in networks if n.id == net_id)
             limit = getattr(self._driver(net.driver), "max_ports", None)
             if limit is None:
                 continue
@@ -904,6 +969,64 @@ class NetworkController:
             raise first_error
         assert all(info is not None for info in infos)
         return infos  # type: ignore[return-value]
+
+    # --- joins into sandboxes an engine owns (the plugin server) --------------------------
+
+    def join_external(self, endpoint: Endpoint) -> JoinInfo:
+        """Join an endpoint for an engine that owns the sandbox itself (Docker through
+        the plugin protocol, spec/remote-protocol.md Join): the driver leaves the
+        interface on the host, as `JoinInfo.src_name`, for the engine to move in.
+
+        Recorded like any join (intent, kernel, confirmation) but with no sandbox of
+        cnm's: the endpoint is "joined" with `driver_data["external"]`, so the port limit
+        counts it and reconcile keeps its devices.
+        """
+        _check_endpoints([endpoint])
+        with self._lock:
+            with self._store.tx():
+                rec = self._endpoint_record(endpoint.id)
+                if rec.state != "ready":
+                    raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
+                if rec.join_state:
+                    raise errors.EndpointJoined(rec.name, rec.sandbox_id or "its engine")
+                net = self._store.network_by_id(rec.network_id)
+                assert net is not None
+                self._check_ports([net])
+                intent = replace(
+                    rec, join_state="joining", driver_data={**rec.driver_data, "external": True}
+                )
+                self._store.put_endpoints([intent])
+            drv = self._driver_for(net)
+            try:
+                if not implements(drv, HostJoin):
+                    raise errors.Unsupported(
+                        f"driver {net.driver!r} cannot join a sandbox its engine owns"
+                    )
+                info: JoinInfo = drv.join_on_host(net.id, rec.id)  # type: ignore[attr-defined]
+            except BaseException:
+                with self._store.tx():
+                    self._store.put_endpoints([rec])  # as before the intent
+                raise
+            with self._store.tx():
+                self._store.put_endpoints([replace(intent, join_state="joined")])
+            return info
+
+    def leave_external(self, endpoint: Endpoint) -> None:
+        """Undo `join_external`. A driver failure leaves the endpoint "leaving" for
+        reconcile() to finish, and is raised."""
+        _check_endpoints([endpoint])
+        with self._lock:
+            with self._store.tx():
+                rec = self._endpoint_record(endpoint.id)
+                if rec.join_state != "joined" or not rec.driver_data.get("external"):
+                    raise errors.EndpointNotJoined(rec.name, "its engine")
+                net = self._store.network_by_id(rec.network_id)
+                assert net is not None
+                self._store.put_endpoints([replace(rec, join_state="leaving")])
+            self._driver_for(net).leave(net.id, rec.id)
+            data = {k: v for k, v in rec.driver_data.items() if k != "external"}
+            with self._store.tx():
+                self._store.put_endpoints([replace(rec, join_state="", driver_data=data)])
 
     def _check_sandbox_handle(self, target: object) -> None:
         """A Sandbox handle must still name a live sandbox, not just a container id."""
@@ -1003,6 +1126,8 @@ class NetworkController:
                 self._store.put_sandboxes(list(empty.values()))
             self._delete_sandbox_namespaces(list(empty.values()), failures)
             self._write_files({sb.id for _, sb in left if sb.hostname} - set(empty))
+            if self._global is not None:  # global scope: withdraw overlay peer records
+                self._global.left([r for r, _ in left])
             _raise_all(failures, "leave")
 
     def _leave_kernel(
@@ -1228,6 +1353,46 @@ def _apply_interface_reply(
         ip = sent.ipv4_address.ip if sent.ipv4_address is not None else None
         mac = generate_mac(ip)  # type: ignore[arg-type]
     return replace(ep, mac_address=mac, state="ready")
+
+
+def _pool_holdings(pools: Iterable[PoolData]) -> list[tuple[str, IPAddress | None]]:
+    """What a network's pools hold at an IPAM, in the order taken: each pool (None),
+    then its gateway and aux addresses."""
+    out: list[tuple[str, IPAddress | None]] = []
+    for pool in pools:
+        out.append((pool.pool_id, None))
+        held = [pool.gateway] if pool.gateway else []
+        held += list(pool.aux_addresses.values())
+        out += [(pool.pool_id, ipaddress.ip_interface(a).ip) for a in held]
+    return out
+
+
+def _address_holdings(
+    net: NetworkRecord, addresses: Iterable[IPInterface]
+) -> list[tuple[str, IPAddress | None]]:
+    """Each address with the pool of `net` it was taken from."""
+    out: list[tuple[str, IPAddress | None]] = []
+    for a in addresses:
+        for pool in (*net.ipv4, *net.ipv6):
+            if a.ip in ipaddress.ip_network(pool.subnet):
+                out.append((pool.pool_id, a.ip))
+                break
+    return out
+
+
+def _undo_ipam(
+    ipam: IpamDriver, undo: Sequence[tuple[str, IPAddress | None]], exc: BaseException
+) -> None:
+    """Give back, newest first, addresses (pool, ip) and pools (pool, None) taken before
+    `exc`; what cannot be given back is noted on `exc`."""
+    for pool_id, addr in reversed(undo):
+        try:
+            if addr is None:
+                ipam.release_pool(pool_id)
+            else:
+                ipam.release_address(pool_id, addr)
+        except Exception as cleanup:
+            exc.add_note(f"rollback: release {addr or 'pool'} of {pool_id}: {cleanup}")
 
 
 def _unique_records(ctl: NetworkController, endpoints: Sequence[Endpoint]) -> list[EndpointRecord]:

@@ -50,10 +50,8 @@ class DoctorReport:
             ("fast path in use", self.fastpath_backend),
             ("store", self.store),
             ("nftables (nft)", self.nft or "not found: bridge networks need it"),
-            ("libbpf", e.libbpf or "not found"),
-            ("kernel BTF", yes[e.btf]),
-            ("bpffs at /sys/fs/bpf", "mounted" if e.bpffs_mounted else "not mounted"),
-            ("eBPF data path", "not part of this build"),
+            *((f"eBPF {c.name}", ("ok: " if c.ok else "FAILED: ") + c.detail) for c in e.checks),
+            ("eBPF data path", "available" if e.ok else f"unavailable ({e.verdict})"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -276,6 +276,15 @@ class BulkJoin(Protocol):
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None: ...
 
 
+@runtime_checkable
+class HostJoin(Protocol):
+    """A driver that can join for an engine owning the sandbox itself (Docker through
+    the plugin protocol): the interface is left on the host, named `src_name`, for the
+    engine to move into its sandbox; `leave` undoes it as usual."""
+
+    def join_on_host(self, network_id: str, endpoint_id: str) -> JoinInfo: ...
+
+
 _implements: dict[tuple[type, type], bool] = {}
 
 

@@ -185,6 +185,20 @@ class StoreError(Unavailable):
     """The persistent store failed or holds data this version cannot read."""
 
 
+class VNIInUse(Conflict):
+    """A VXLAN network identifier is already taken by another network (on any host)."""
+
+    def __init__(self, vni: int, network: str = "") -> None:
+        owner = f" by network {network}" if network else ""
+        super().__init__(f"VNI {vni} is already in use{owner}")
+        self.vni = vni
+        self.network = network
+
+
+class GlobalStoreUnavailable(StoreError):
+    """The global store (etcd) cannot be reached; global-scope changes wait for it."""
+
+
 __all__ = [
     "ActiveEndpoints",
     "AddressInUse",
@@ -198,6 +212,7 @@ __all__ = [
     "EndpointNotFound",
     "EndpointNotJoined",
     "Forbidden",
+    "GlobalStoreUnavailable",
     "InvalidParameter",
     "KernelError",
     "NameInUse",
@@ -212,4 +227,5 @@ __all__ = [
     "StoreError",
     "Unavailable",
     "Unsupported",
+    "VNIInUse",
 ]

@@ -117,8 +117,11 @@ class _Repairer:
             intent = ep.join_state in ("joining", "leaving") or ep.state != "ready"
             if intent and self.in_flight(ep, f"endpoint {ep.id}"):
                 continue
+            external = bool(ep.driver_data.get("external"))  # its engine owns the sandbox
             if ep.join_state in ("joining", "leaving") or (
-                ep.join_state == "joined" and store.sandbox_by_id(ep.sandbox_id or "") is None
+                ep.join_state == "joined"
+                and not external
+                and store.sandbox_by_id(ep.sandbox_id or "") is None
             ):
 
                 def leave(ep: EndpointRecord = ep, net: NetworkRecord = net) -> None:
@@ -132,7 +135,8 @@ class _Repairer:
                 kind = {"joining": "join_rolled_back", "leaving": "leave_completed"}.get(
                     ep.join_state, "dangling_join_cleared"
                 )
-                ep = replace(ep, sandbox_id=None, join_state="")
+                data = {k: v for k, v in ep.driver_data.items() if k != "external"}
+                ep = replace(ep, sandbox_id=None, join_state="", driver_data=data)
                 store.put_endpoint(ep)
                 report.add(kind, ep.id, f"endpoint {ep.name} of network {net.name}")
             if ep.state in ("creating", "deleting") and not ep.join_state:

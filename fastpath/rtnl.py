@@ -147,6 +147,8 @@ class VxlanSpec:
     mtu: int | None = None
     master: int | None = None
     up: bool = True
+    proxy: bool = False  # answer ARP/ND from the device's neighbour table
+    netns_fd: int | None = None  # made inside this namespace; its UDP socket stays here
 
 
 def vxlan(spec: VxlanSpec) -> Message:
@@ -166,7 +168,9 @@ def vxlan(spec: VxlanSpec) -> Message:
         data.append(Attr(m.IFLA_VXLAN_AGEING, m.U32, spec.ageing))
     if spec.external:
         data.append(Attr(m.IFLA_VXLAN_COLLECT_METADATA, m.U8, 1))
-    attrs = _link_attrs(name=spec.name, mtu=spec.mtu, master=spec.master)
+    if spec.proxy:
+        data.append(Attr(m.IFLA_VXLAN_PROXY, m.U8, 1))
+    attrs = _link_attrs(name=spec.name, mtu=spec.mtu, master=spec.master, netns_fd=spec.netns_fd)
     attrs.append(
         Attr(
             m.IFLA_LINKINFO,

@@ -15,7 +15,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 apt_packages=(python3 python3-venv python3-dev gcc iproute2 util-linux iputils-ping nftables
-  containernetworking-plugins)
+  containernetworking-plugins docker.io busybox-static clang llvm libbpf-dev iperf3
+  etcd-server etcd-client)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -33,7 +34,8 @@ PY=/usr/bin/python3
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-stamp=$(cat pyproject.toml setup.py fastpath/_codec.pyx | sha256sum | cut -c1-16)
+stamp=$(cat pyproject.toml setup.py fastpath/_codec.pyx ebpf/build.py ebpf/src/*.bpf.c ebpf/include/*.h \
+  | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.cnm-installed" 2>/dev/null)" != "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" 
   "$VENV/bin/python" -m pip install -q -e ".[test]"

@@ -64,4 +64,14 @@ def builtin_registry(links: HostLinks, firewall: Firewall) -> DriverRegistry:
     registry = DriverRegistry()
     registry.register(NullDriver())
     registry.register(BridgeDriver(links, firewall))
+    # "overlay" is registered by the global scope (a controller with store="etcd://...").
+    registry.add_resolver(_overlay_needs_global_store)
     return registry
+
+
+def _overlay_needs_global_store(name: str) -> Driver | None:
+    if name == "overlay":
+        raise errors.Unsupported(
+            "overlay networks need a global store: NetworkController(store='etcd://HOST:PORT/PREFIX')"
+        )
+    return None

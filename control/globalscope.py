@@ -1,0 +1,467 @@
+"""Global scope: what a controller with `store="etcd://..."` shares with other hosts.
+
+Owns this host's identity in the global store (a host id kept in the local store and the
+VTEP address: $CNM_ADVERTISE_ADDR, else the address this host reaches etcd from), the
+global-scope network records (published on create, mirrored into every host's local store
+so `ctl.network(name)` finds a network made elsewhere, withdrawn on delete), the peer
+records of this host's joined overlay endpoints (endpoint IP, MAC, VTEP), and the agent:
+a background thread that watches the store and drives the overlay data plane. A lost
+connection is retried with backoff; each (re)connect is a full resynchronisation (networks,
+this host's peer records, every remote peer, then drift repair), so nothing changed during
+an outage is missed. Drift repair also runs periodically. Local-scope state stays in SQLite.
+
+Keys under the prefix: networks/<id>, names/<name>, peers/<network id>/<endpoint id>,
+vnis/<vni> and overlay/<network id> (the overlay driver), ipam/... (ipam.scoped).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .drivers.overlay import OverlayDriver
+from .ipam.scoped import ScopedIpam
+from .osl.overlay import OverlayLinks, PeerEntry
+from .store.etcd import Compare, Delete, EtcdStore, Event, Put, WatchLost
+from .types import EndpointRecord, NetworkRecord, PoolData, Repair, is_id_prefix, new_id
+
+if TYPE_CHECKING:
+    from .controller import NetworkController
+
+_log = logging.getLogger(__name__)
+REPAIR_INTERVAL = float(os.environ.get("CNM_OVERLAY_REPAIR_INTERVAL", "30"))
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+_LOST = object()
+
+
+def _network_json(rec: NetworkRecord) -> dict[str, Any]:
+    out = asdict(rec)
+    out.pop("owner", None)
+    out["state"] = "ready"
+    return out
+
+
+def _network_record(data: Mapping[str, Any]) -> NetworkRecord:
+    d = dict(data)
+    d["ipv4"] = tuple(PoolData(**p) for p in d.get("ipv4") or ())
+    d["ipv6"] = tuple(PoolData(**p) for p in d.get("ipv6") or ())
+    d["state"] = "ready"
+    d.pop("owner", None)
+    return NetworkRecord(**d)
+
+
+def _peer(value: Mapping[str, Any]) -> PeerEntry:
+    return PeerEntry(
+        ip=ipaddress.ip_address(value["ip"]),
+        mac=str(value["mac"]),
+        vtep=ipaddress.ip_address(value["vtep"]),
+    )
+
+
+def advertise_address(etcd: EtcdStore) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """$CNM_ADVERTISE_ADDR, else the source address of this host's route to etcd."""
+    forced = os.environ.get("CNM_ADVERTISE_ADDR")
+    if forced:
+        try:
+            return ipaddress.ip_address(forced)
+        except ValueError:
+            raise errors.InvalidParameter(f"CNM_ADVERTISE_ADDR={forced!r} is no address") from None
+    host, port = etcd.url.endpoints[0]
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+            s.connect(info[4])  # UDP: no packet is sent, the kernel only picks a route
+            return ipaddress.ip_address(s.getsockname()[0])
+    except OSError as exc:
+        raise errors.GlobalStoreUnavailable(f"no route to etcd at {host}:{port}: {exc}") from None
+
+
+class GlobalScope:
+    def __init__(self, ctl: NetworkController, url: str, *, repair_interval: float | None = None):
+        self.ctl = ctl
+        self.etcd = EtcdStore(url)
+        store = ctl.store
+        with store.tx():
+            host = store.meta("global_host_id")
+            if host is None:
+                host = new_id()
+                store.set_meta("global_host_id", host)
+        self.host = host
+        self.vtep = advertise_address(self.etcd)
+        self.ipam = ScopedIpam(store, self.etcd, host=host)
+        self.links = OverlayLinks(ctl.run_dir, backend=ctl.fastpath)
+        self.driver = OverlayDriver(self.etcd, self.links, self.vtep, refresh=self.refresh_peers)
+        self.repair_interval = REPAIR_INTERVAL if repair_interval is None else repair_interval
+        self.connected = False
+        self.resyncs = 0
+        self.repairs: list[Repair] = []  # drift fixed by the agent (resync, periodic)
+        self.last_error: str | None = None
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def attach(self) -> None:
+        """Hand the controller the global IPAM and the overlay driver, synchronise once
+        (if etcd answers) and start the agent."""
+        self.ctl._ipam["default"] = self.ipam
+        self.ctl.registry.register(self.driver)
+        try:
+            self._watch_from = self.resync()
+            self.connected = True
+        except errors.StoreError as exc:
+            self.last_error = str(exc)
+            _log.warning("global store unavailable at start: %s", exc)
+        self._thread = threading.Thread(target=self._run, name="cnm-agent", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.etcd.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "vtep": str(self.vtep),
+            "connected": self.connected,
+            "resyncs": self.resyncs,
+            "repairs": len(self.repairs),
+            "last_error": self.last_error,
+        }
+
+    # --- networks (controller hooks) ------------------------------------------------
+
+    def publish_network(self, rec: NetworkRecord) -> None:
+        """A new global-scope network: its name and record, or NameInUse if any host
+        has a network of that name."""
+        ok, _ = self.etcd.txn(
+            [Compare.absent(f"names/{rec.name}")],
+            [Put(f"names/{rec.name}", rec.id), Put(f"networks/{rec.id}", _network_json(rec))],
+        )
+        if not ok:
+            raise errors.NameInUse("network", rec.name)
+
+    def withdraw_network(self, rec: NetworkRecord, *, check: bool = True) -> None:
+        """Delete a global network's records; refused while any host has endpoints on
+        it (their addresses are allocated in the global pools)."""
+        if check:
+            busy = []
+            for pool in (*rec.ipv4, *rec.ipv6):
+                if ScopedIpam.is_global(pool.pool_id):
+                    busy += [
+                        owner
+                        for _, kind, owner, host in self.ipam.global_allocated(pool.pool_id)
+                        if kind == "endpoint" and host != self.host
+                    ]
+            if busy:
+                raise errors.ActiveEndpoints(rec.name, [f"{o[:12]} (another host)" for o in busy])
+        self.etcd.txn(
+            [Compare(f"names/{rec.name}", "CREATE", 0, "NOT_EQUAL")],
+            [
+                Delete(f"names/{rec.name}"),
+                Delete(f"networks/{rec.id}"),
+                Delete(f"peers/{rec.id}/", prefix=True),
+            ],
+            [Delete(f"networks/{rec.id}"), Delete(f"peers/{rec.id}/", prefix=True)],
+        )
+
+    def fetch_network(self, ref: str) -> NetworkRecord:
+        """A global network not (yet) mirrored here, by name, id or unique id prefix."""
+        not_found = errors.NetworkNotFound(str(ref))
+        if not isinstance(ref, str) or not ref:
+            raise not_found
+        try:
+            kv = self.etcd.get(f"names/{ref}")
+            found = []
+            if kv is not None:
+                net = self.etcd.get(f"networks/{kv.value}")
+                found = [net] if net is not None else []
+            elif is_id_prefix(ref):
+                found = self.etcd.range(f"networks/{ref}")[0]
+        except errors.StoreError:
+            raise not_found from None
+        if not found:
+            raise not_found
+        if len(found) > 1:
+            raise errors.AmbiguousReference("network", ref, [k.key.split("/")[1] for k in found])
+        rec = _network_record(found[0].value)
+        self._mirror_add(rec)
+        return self.ctl.store.network_by_id(rec.id) or rec
+
+    def _mirror_add(self, rec: NetworkRecord) -> None:
+        store = self.ctl.store
+        with self.ctl._lock:
+            if store.network_by_id(rec.id) is not None:
+                return
+            if store.network_by_name(rec.name) is not None:
+                _log.warning("global network %s hidden by a local one of that name", rec.name)
+                return
+            store.put_network(rec)
+
+    def _mirror_remove(self, network_id: str) -> None:
+        store = self.ctl.store
+        with self.ctl._lock:
+            rec = store.network_by_id(network_id)
+            if rec is None or rec.scope == "local" or rec.state != "ready":
+                return
+            if store.count_endpoints(network_id):
+                _log.warning("network %s was deleted elsewhere but has endpoints here", rec.name)
+                return
+            try:
+                self.driver.forget_network(network_id)
+            except errors.CNMError as exc:
+                _log.warning("overlay %s: %s", network_id[:12], exc)
+            store.delete_network(network_id)
+            self.ctl._announced.discard((rec.driver, network_id))
+
+    # --- peers (controller hooks) ---------------------------------------------------
+
+    def _own_peers(self, eps: Iterable[EndpointRecord]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        drivers: dict[str, str | None] = {}
+        for ep in eps:
+            if ep.network_id not in drivers:
+                net = self.ctl.store.network_by_id(ep.network_id)
+                drivers[ep.network_id] = net.driver if net is not None else None
+            if drivers[ep.network_id] != self.driver.name or not ep.ipv4_address:
+                continue
+            ip = ipaddress.ip_interface(ep.ipv4_address).ip
+            out[f"peers/{ep.network_id}/{ep.id}"] = {
+                "ip": str(ip),
+                "mac": ep.mac_address,
+                "vtep": str(self.vtep),
+                "host": self.host,
+            }
+        return out
+
+    def joined(self, eps: Sequence[EndpointRecord]) -> None:
+        """Publish the peer records of endpoints that joined here (one transaction). While
+        etcd is away they wait: the agent publishes them on reconnect."""
+        records = self._own_peers(eps)
+        if records:
+            self._write(records, ())
+
+    def left(self, eps: Sequence[EndpointRecord]) -> None:
+        keys = list(self._own_peers(eps))
+        if keys:
+            self._write({}, keys)
+
+    def _write(self, puts: Mapping[str, Any], deletes: Sequence[str]) -> None:
+        if not self.connected:
+            self._dirty.set()
+            return
+        try:
+            self.etcd.put_many(puts, deletes)
+        except errors.StoreError as exc:
+            _log.warning("peer records wait for the global store: %s", exc)
+            self.last_error = str(exc)
+            self._dirty.set()
+
+    # --- resynchronisation ----------------------------------------------------------
+
+    def resync(self) -> int:
+        """Full resynchronisation from one consistent read; returns its revision."""
+        kvs, rev = self.etcd.range("")
+        nets: dict[str, NetworkRecord] = {}
+        peers: dict[str, dict[str, PeerEntry]] = {}
+        mine: dict[str, Any] = {}
+        for kv in kvs:
+            parts = kv.key.split("/")
+            if parts[0] == "networks" and len(parts) == 2 and kv.value:
+                nets[parts[1]] = _network_record(kv.value)
+            elif parts[0] == "peers" and len(parts) == 3 and kv.value:
+                if kv.value.get("host") == self.host:
+                    mine[kv.key] = kv.value
+                else:
+                    peers.setdefault(parts[1], {})[parts[2]] = _peer(kv.value)
+        for rec in nets.values():
+            self._mirror_add(rec)
+        for rec in self.ctl.store.networks():
+            if rec.scope != "local" and rec.driver == self.driver.name and rec.id not in nets:
+                self._mirror_remove(rec.id)
+        # This host's peer records: exactly its joined overlay endpoints.
+        self._dirty.clear()
+        want = self._own_peers(e for e in self.ctl.store.endpoints() if e.join_state == "joined")
+        puts = {k: v for k, v in want.items() if mine.get(k) != v}
+        stale = [k for k in mine if k not in want]
+        if puts or stale:
+            self.etcd.put_many(puts, stale)
+        for nid in {*nets, *peers}:
+            self.driver.load_peers(nid, peers.get(nid, {}))
+        with self.ctl._lock:
+            for rec in self.ctl.store.networks():
+                if rec.driver == self.driver.name and rec.state == "ready":
+                    self.ctl._driver_for(rec)
+        fixed = self.driver.sync()
+        self.repairs += fixed
+        self.resyncs += 1
+        return rev
+
+    def refresh_peers(self) -> None:
+        """Reload every network's remote peers from the store (for drift repair)."""
+        kvs, _ = self.etcd.range("peers/")
+        peers: dict[str, dict[str, PeerEntry]] = {}
+        for kv in kvs:
+            parts = kv.key.split("/")
+            if len(parts) == 3 and kv.value and kv.value.get("host") != self.host:
+                peers.setdefault(parts[1], {})[parts[2]] = _peer(kv.value)
+        for rec in self.ctl.store.networks():
+            if rec.driver == self.driver.name:
+                self.driver.load_peers(rec.id, peers.get(rec.id, {}))
+
+    def apply(self, events: Sequence[Event]) -> None:
+        """Watch events: networks mirrored, peers programmed (one batch per network)."""
+        adds: dict[str, dict[str, PeerEntry]] = {}
+        removes: dict[str, list[str]] = {}
+        for ev in events:
+            parts = ev.key.split("/")
+            if parts[0] == "networks" and len(parts) == 2:
+                if ev.type == "PUT" and ev.value:
+                    self._mirror_add(_network_record(ev.value))
+                elif ev.type == "DELETE":
+                    self._mirror_remove(parts[1])
+            elif parts[0] == "peers" and len(parts) == 3:
+                nid, eid = parts[1], parts[2]
+                if ev.type == "PUT" and ev.value:
+                    if ev.value.get("host") == self.host:
+                        continue
+                    adds.setdefault(nid, {})[eid] = _peer(ev.value)
+                    if eid in removes.get(nid, []):
+                        removes[nid].remove(eid)
+                elif ev.type == "DELETE":
+                    removes.setdefault(nid, []).append(eid)
+                    adds.get(nid, {}).pop(eid, None)
+        for nid in {*adds, *removes}:
+            with self.ctl._lock:
+                rec = self.ctl.store.network_by_id(nid)
+                if rec is not None and rec.state == "ready":
+                    self.ctl._driver_for(rec)
+            try:
+                self.driver.update_peers(nid, adds.get(nid, {}), removes.get(nid, []))
+            except errors.CNMError as exc:
+                _log.warning("overlay %s: programming peers failed: %s", nid[:12], exc)
+                self._dirty.set()  # the next repair pass puts it right
+
+    # --- the agent ------------------------------------------------------------------
+
+    def _watch_into(self, start: int, q: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            for events in self.etcd.watch("", start, stop):
+                q.put(events)
+        except WatchLost as exc:
+            self.last_error = f"watch lost: {exc}"
+        except Exception as exc:  # the agent must hear of every end
+            self.last_error = f"watch failed: {exc}"
+        q.put(_LOST)
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stop.is_set():
+            if not self.connected:
+                try:
+                    self._watch_from = self.resync()
+                    self.connected = True
+                    backoff = BACKOFF_MIN
+                except errors.StoreError as exc:
+                    self.last_error = str(exc)
+                    self._stop.wait(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                except Exception:
+                    _log.exception("global resync failed")
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+            self._follow(self._watch_from + 1)
+            self.connected = False
+
+    def _follow(self, start: int) -> None:
+        """Apply watch events until the stream is lost or the agent stops; repair
+        drift periodically and republish whatever waited."""
+        q: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch_into, args=(start, q, stop), name="cnm-watch", daemon=True
+        )
+        watcher.start()
+        next_repair = time.monotonic() + self.repair_interval
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, min(0.5, next_repair - time.monotonic()))
+                try:
+                    item = q.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _LOST:
+                    return
+                if item is not None:
+                    try:
+                        self.apply(item)
+                    except Exception:
+                        _log.exception("applying global events failed")
+                        self._dirty.set()
+                if self._dirty.is_set() or time.monotonic() >= next_repair:
+                    next_repair = time.monotonic() + self.repair_interval
+                    try:
+                        if self._dirty.is_set():
+                            self.resync()
+                        else:
+                            self.refresh_peers()
+                            self.repairs += self.driver.sync()
+                    except errors.StoreError as exc:
+                        self.last_error = str(exc)
+                        return
+                    except Exception:
+                        _log.exception("overlay drift repair failed")
+        finally:
+            stop.set()
+
+
+def run_agent(
+    state_dir: str,
+    run_dir: str,
+    *,
+    fastpath: str | None = None,
+    store: str | None = None,
+    repair_interval: float | None = None,
+    status_every: float = 0,
+) -> int:
+    """`cnm agent`: a controller kept open until SIGTERM/SIGINT, so its background work
+    (overlay peers from the global store, drift repair, deferred deletion) runs. Prints
+    one JSON status line at start, every `status_every` seconds (0: never), and at exit."""
+    import json
+    import signal
+
+    from .controller import NetworkController
+
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with NetworkController(
+        state_dir=state_dir, run_dir=run_dir, fastpath=fastpath, store=store
+    ) as ctl:
+        scope: GlobalScope | None = ctl._global
+        if scope is not None and repair_interval is not None:
+            scope.repair_interval = repair_interval
+
+        def report(state: str) -> None:
+            line = {"agent": state, **(scope.status() if scope is not None else {})}
+            print(json.dumps(line), flush=True)
+
+        report("running")
+        while not done.wait(status_every or None):
+            report("running")
+        report("stopped")
+    return 0

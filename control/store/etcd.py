@@ -1,0 +1,370 @@
+"""The global store: etcd (v3 API through its HTTP/JSON gateway) under one key prefix.
+
+Owns the connection to etcd (several endpoints, failing over between them), records as
+JSON under `<prefix>/`, compare-and-swap transactions (create-if-absent, update-if-
+unchanged), ranges with the revision they were read at, and watches that resume from a
+revision and report a lost connection instead of hanging on, so the caller can back off,
+reconnect and resynchronise.
+
+Client: `etcd3gw` (OpenStack's client for etcd's gRPC gateway): plain HTTP + JSON over
+`requests`, so no generated protobuf code to fall out of step with the installed
+protobuf/grpc (python-etcd3's last release predates protobuf 4), threads rather than
+asyncio (aetcd), typed, and served by Debian 12's etcd 3.4 on `/v3/`. Its own watch helper
+cannot tell a dropped stream from a quiet one, so watches here read the gateway's stream
+themselves, through the client's session and URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+
+from .. import errors
+
+_log = logging.getLogger(__name__)
+_URL_RE = re.compile(r"etcd://(?P<hosts>[^/\s]+)(?P<prefix>/\S*)?\Z")
+DEFAULT_PREFIX = "cnm"
+API_PATH = "/v3/"  # etcd >= 3.4
+
+
+@dataclass(frozen=True)
+class EtcdURL:
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str  # no leading or trailing "/"
+
+    @classmethod
+    def parse(cls, url: str) -> EtcdURL:
+        """`etcd://host:port[,host:port]/prefix` (port 2379 when left out)."""
+        m = _URL_RE.match(url) if isinstance(url, str) else None
+        if m is None:
+            raise errors.InvalidParameter(
+                f"store must be 'etcd://host:port[,host:port]/prefix', not {url!r}"
+            )
+        endpoints = []
+        for part in m.group("hosts").split(","):
+            host, sep, port = part.rpartition(":")
+            if not sep:
+                host, port = part, "2379"
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise errors.InvalidParameter(f"store: bad etcd endpoint {part!r} in {url!r}")
+            endpoints.append((host, int(port)))
+        prefix = (m.group("prefix") or "").strip("/") or DEFAULT_PREFIX
+        return cls(tuple(endpoints), prefix)
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str  # relative to the prefix
+    value: Any  # decoded JSON
+    mod_revision: int
+    create_revision: int
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # "PUT" or "DELETE"
+    key: str  # relative to the prefix
+    value: Any  # decoded JSON; None for a delete
+    revision: int
+
+
+class WatchLost(Exception):
+    """The watch stream ended or broke: reconnect, resynchronise, watch again."""
+
+
+# --- transaction building blocks --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compare:
+    key: str
+    target: str  # "CREATE" (create_revision), "MOD" (mod_revision), "VERSION"
+    value: int
+    result: str = "EQUAL"
+
+    @staticmethod
+    def absent(key: str) -> Compare:
+        return Compare(key, "CREATE", 0)
+
+    @staticmethod
+    def unchanged(key: str, mod_revision: int) -> Compare:
+        return Compare(key, "MOD", mod_revision)
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+    prefix: bool = False
+
+
+Op = Put | Delete | Get
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _range_end(key: str) -> str:
+    raw = bytearray(key.encode())
+    raw[-1] += 1
+    return _b64(bytes(raw))
+
+
+class EtcdStore:
+    """Records under `<prefix>/` in etcd; every method raises GlobalStoreUnavailable when
+    no endpoint answers."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+        self.url = EtcdURL.parse(url)
+        self.prefix = self.url.prefix + "/"
+        self.timeout = timeout
+        self._clients = [
+            Etcd3Client(host=h, port=p, timeout=timeout, api_path=API_PATH)
+            for h, p in self.url.endpoints
+        ]
+        self._current = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.session.close()
+
+    # --- plumbing -------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return self.prefix + key
+
+    def _rel(self, raw_key: str) -> str:
+        key = _unb64(raw_key).decode()
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else key
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One gateway call, failing over to the next endpoint when one does not answer."""
+        last: Exception | None = None
+        with self._lock:
+            for attempt in range(len(self._clients)):
+                idx = (self._current + attempt) % len(self._clients)
+                client = self._clients[idx]
+                try:
+                    out = client.post(client.get_url(path), json=dict(body))
+                except (ConnectionFailedError, ConnectionTimeoutError) as exc:
+                    last = exc
+                    continue
+                except Etcd3Exception as exc:
+                    raise errors.StoreError(f"etcd {path}: {exc}") from None
+                self._current = idx
+                return out
+        host, port = self.url.endpoints[self._current]
+        raise errors.GlobalStoreUnavailable(
+            f"etcd at {host}:{port} does not answer ({type(last).__name__})"
+        )
+
+    @staticmethod
+    def _kv(store: EtcdStore, raw: Mapping[str, Any]) -> KV:
+        value = json.loads(_unb64(raw["value"])) if raw.get("value") else None
+        return KV(
+            key=store._rel(raw["key"]),
+            value=value,
+            mod_revision=int(raw.get("mod_revision", 0)),
+            create_revision=int(raw.get("create_revision", 0)),
+        )
+
+    def _op(self, op: Op) -> dict[str, Any]:
+        key = self._full(op.key)
+        if isinstance(op, Put):
+            return {"request_put": {"key": _b64(key), "value": _b64(json.dumps(op.value))}}
+        if isinstance(op, Delete):
+            req: dict[str, Any] = {"key": _b64(key)}
+            if op.prefix:
+                req["range_end"] = _range_end(key)
+            return {"request_delete_range": req}
+        req = {"key": _b64(key)}
+        if op.prefix:
+            req["range_end"] = _range_end(key)
+        return {"request_range": req}
+
+    # --- reads ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self._post("/maintenance/status", {})
+
+    def get(self, key: str) -> KV | None:
+        out = self._post("/kv/range", {"key": _b64(self._full(key))})
+        kvs = out.get("kvs") or []
+        return self._kv(self, kvs[0]) if kvs else None
+
+    def range(self, prefix: str) -> tuple[list[KV], int]:
+        """Every record under `prefix`, and the revision the read saw."""
+        full = self._full(prefix)
+        out = self._post("/kv/range", {"key": _b64(full), "range_end": _range_end(full)})
+        kvs = [self._kv(self, kv) for kv in out.get("kvs") or []]
+        return kvs, int(out["header"]["revision"])
+
+    # --- writes ---------------------------------------------------------------------
+
+    def txn(
+        self, compare: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()
+    ) -> tuple[bool, list[list[KV]]]:
+        """An etcd transaction: (whether every comparison held, the Get results of the
+        branch that ran, one list per Get)."""
+        cmp = []
+        for c in compare:
+            field = {"CREATE": "create_revision", "MOD": "mod_revision", "VERSION": "version"}
+            cmp.append(
+                {
+                    "key": _b64(self._full(c.key)),
+                    "target": c.target,
+                    "result": c.result,
+                    field[c.target]: str(c.value),
+                }
+            )
+        body = {
+            "compare": cmp,
+            "success": [self._op(o) for o in success],
+            "failure": [self._op(o) for o in failure],
+        }
+        out = self._post("/kv/txn", body)
+        gets: list[list[KV]] = []
+        for resp in out.get("responses") or []:
+            rng = resp.get("response_range")
+            if rng is not None:
+                gets.append([self._kv(self, kv) for kv in rng.get("kvs") or []])
+        return bool(out.get("succeeded")), gets
+
+    def put(self, key: str, value: Any) -> None:
+        self.txn((), [Put(key, value)])
+
+    def put_many(self, items: Mapping[str, Any], deletes: Sequence[str] = ()) -> None:
+        """Many puts and deletes in one transaction (one revision, one round trip)."""
+        ops: list[Op] = [Delete(k) for k in deletes]
+        ops += [Put(k, v) for k, v in items.items()]
+        if ops:
+            self.txn((), ops)
+
+    def create(self, key: str, value: Any) -> bool:
+        """Put `key` only if it does not exist; False when it did."""
+        ok, _ = self.txn([Compare.absent(key)], [Put(key, value)])
+        return ok
+
+    def delete(self, key: str, *, prefix: bool = False) -> None:
+        self.txn((), [Delete(key, prefix)])
+
+    # --- watches --------------------------------------------------------------------
+
+    def watch(
+        self, prefix: str, start_revision: int, stop: threading.Event
+    ) -> Iterator[list[Event]]:
+        """Batches of events under `prefix` from `start_revision` on, one batch per etcd
+        revision group. Raises WatchLost when the stream breaks or etcd cancels it (e.g.
+        the revision was compacted); returns when `stop` is set (closing the stream)."""
+        host, port = self.url.endpoints[self._current]
+        client = Etcd3Client(host=host, port=port, timeout=self.timeout, api_path=API_PATH)
+        full = self._full(prefix)
+        body = {
+            "create_request": {
+                "key": _b64(full),
+                "range_end": _range_end(full),
+                "start_revision": str(start_revision),
+                "progress_notify": True,
+            }
+        }
+        try:
+            resp = client.session.post(
+                client.get_url("/watch"), json=body, stream=True, timeout=(self.timeout, None)
+            )
+        except requests.RequestException as exc:
+            client.session.close()
+            raise WatchLost(str(exc)) from None
+        closer = _Closer(resp, client)
+        stopper = threading.Thread(target=closer.close_on, args=(stop,), daemon=True)
+        stopper.start()
+        try:
+            if resp.status_code != 200:
+                raise WatchLost(f"watch refused: {resp.status_code} {resp.text[:200]}")
+            for line in resp.iter_lines(chunk_size=None):
+                if stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                result = json.loads(line).get("result") or {}
+                if result.get("canceled") or result.get("compact_revision"):
+                    raise WatchLost(f"watch cancelled: {result.get('cancel_reason', 'compacted')}")
+                events = []
+                for ev in result.get("events") or []:
+                    kv = ev["kv"]
+                    kind = ev.get("type", "PUT")
+                    value = json.loads(_unb64(kv["value"])) if kv.get("value") else None
+                    events.append(
+                        Event(kind, self._rel(kv["key"]), value, int(kv.get("mod_revision", 0)))
+                    )
+                if events:
+                    yield events
+        except (requests.RequestException, ValueError, OSError, AttributeError) as exc:
+            if stop.is_set():
+                return
+            raise WatchLost(str(exc)) from None
+        finally:
+            closer.close()
+        if not stop.is_set():
+            raise WatchLost("the watch stream ended")
+
+
+class _Closer:
+    """Closes a streaming response when asked, or when `stop` is set (that unblocks the
+    reader)."""
+
+    def __init__(self, resp: requests.Response, client: Etcd3Client) -> None:
+        self.resp = resp
+        self.client = client
+        self.done = threading.Event()
+
+    def close_on(self, stop: threading.Event) -> None:
+        while not self.done.is_set():
+            if stop.wait(0.2):
+                self.close()
+                return
+
+    def close(self) -> None:
+        if self.done.is_set():
+            return
+        self.done.set()
+        try:
+            raw = self.resp.raw
+            fp = getattr(raw, "_fp", None)
+            sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+            if sock is not None:
+                import socket
+
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.resp.close()
+        self.client.session.close()

@@ -1,0 +1,185 @@
+"""The owner of cnm_tunnel.bpf.c: the overlay tunnel over one collect-metadata (external)
+vxlan device, and its maps (cnm_tun_local, cnm_tun_peers, cnm_tunnel_counters).
+
+One load per host, configured with the vxlan device's ifindex. `attach_endpoint` puts
+cnm_tunnel_egress on a container's host-side veth (frames to remote peers get their
+tunnel key and go to the vxlan device); `attach_vxlan` puts cnm_tunnel_ingress on the
+vxlan device (decapsulated frames go straight into the local container of their VNI).
+Local containers are TunnelEndpoints; containers on other hosts are TunnelPeers (address,
+remote VTEP, MAC, VNI). Removing a peer removes its map entry, and frames to it fall back
+to the stack. The containers' neighbour entries for their peers come from the control
+plane (no ARP crosses the tunnel).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cnm.ebpf import errors, loader
+from cnm.ebpf.owner import ProgramOwner, ipv4, mac_bytes, mac_text, positive_int
+
+EGRESS = "cnm_tunnel_egress"
+INGRESS = "cnm_tunnel_ingress"
+LOCAL = "cnm_tun_local"
+PEERS = "cnm_tun_peers"
+COUNTERS = "cnm_tunnel_counters"
+VNI_MAX = 2**24 - 1
+_LOCAL = struct.Struct("<II6s2x")  # struct cnm_tun_local
+_PEER = struct.Struct("<4sI6s2x")  # struct cnm_tun_peer
+
+
+@dataclass(frozen=True)
+class TunnelEndpoint:
+    """A container on this host, on the overlay network `vni`."""
+
+    address: ipaddress.IPv4Address | str
+    ifindex: int  # its host-side veth, in the namespace of the vxlan device
+    mac: str
+    vni: int
+    _raw: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        addr = ipv4(self.address)
+        positive_int(self.ifindex, "ifindex", 2**31 - 1)
+        positive_int(self.vni, "vni", VNI_MAX)
+        mac = mac_bytes(self.mac)
+        object.__setattr__(self, "address", addr)
+        object.__setattr__(self, "mac", mac_text(mac))
+        object.__setattr__(self, "_raw", (addr.packed, _LOCAL.pack(self.ifindex, self.vni, mac)))
+
+    @classmethod
+    def from_raw(cls, key: bytes, value: bytes) -> TunnelEndpoint:
+        ifindex, vni, mac = _LOCAL.unpack(value)
+        return cls(ipaddress.IPv4Address(key), ifindex, mac_text(mac), vni)
+
+
+@dataclass(frozen=True)
+class TunnelPeer:
+    """A container on another host, reached through that host's VTEP."""
+
+    address: ipaddress.IPv4Address | str
+    vtep: ipaddress.IPv4Address | str  # the remote host's underlay address
+    mac: str
+    vni: int
+    _raw: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        addr = ipv4(self.address)
+        vtep = ipv4(self.vtep, "vtep")
+        positive_int(self.vni, "vni", VNI_MAX)
+        mac = mac_bytes(self.mac)
+        object.__setattr__(self, "address", addr)
+        object.__setattr__(self, "vtep", vtep)
+        object.__setattr__(self, "mac", mac_text(mac))
+        object.__setattr__(self, "_raw", (addr.packed, _PEER.pack(vtep.packed, self.vni, mac)))
+
+    @classmethod
+    def from_raw(cls, key: bytes, value: bytes) -> TunnelPeer:
+        vtep, vni, mac = _PEER.unpack(value)
+        return cls(ipaddress.IPv4Address(key), ipaddress.IPv4Address(vtep), mac_text(mac), vni)
+
+
+@dataclass(frozen=True)
+class TunnelCounters:
+    encapsulated: int  # sent to a remote VTEP
+    decapsulated: int  # delivered from the tunnel to a local container
+    local: int  # same VNI, same host: delivered directly
+    miss: int  # destination unknown: left to the stack
+    not_ipv4: int
+    unknown_source: int
+    vni_mismatch: int  # dropped: source and destination on different VNIs
+    failed: int
+
+
+class TunnelOwner(ProgramOwner):
+    """Loads (or picks up) cnm_tunnel for one vxlan device; endpoints and peers."""
+
+    object_name = "cnm_tunnel"
+    program_names = (EGRESS, INGRESS)
+    map_layouts = {LOCAL: (4, _LOCAL.size), PEERS: (4, _PEER.size), COUNTERS: (4, 8)}
+    counter_names = (
+        "encapsulated",
+        "decapsulated",
+        "local",
+        "miss",
+        "not_ipv4",
+        "unknown_source",
+        "vni_mismatch",
+        "failed",
+    )
+    counter_map = COUNTERS
+    entry_maps = (LOCAL, PEERS)
+
+    def __init__(
+        self,
+        vxlan_ifindex: int,
+        pin_root: str | os.PathLike[str] = loader.DEFAULT_PIN_ROOT,
+        *,
+        ttl: int = 64,
+        verify_source: bool = True,
+        obj_dir: str | os.PathLike[str] | None = None,
+        max_entries: int | None = None,
+    ) -> None:
+        super().__init__(pin_root, obj_dir=obj_dir, max_entries=max_entries)
+        self.vxlan_ifindex = positive_int(vxlan_ifindex, "vxlan_ifindex", 2**31 - 1)
+        self.ttl = positive_int(ttl, "ttl", 255)
+        self.verify_source = bool(verify_source)
+
+    def globals(self) -> dict[str, int]:
+        return {
+            "cnm_vxlan_ifindex": self.vxlan_ifindex,
+            "cnm_tunnel_ttl": self.ttl,
+            "cnm_verify_source": int(self.verify_source),
+        }
+
+    def attach_endpoint(self, ifindex: int, netns: str | None = None) -> None:
+        """cnm_tunnel_egress on a container's host-side veth (TC ingress)."""
+        self._attach(EGRESS, ifindex, netns, "ingress")
+
+    def attach_vxlan(self, netns: str | None = None, ifindex: int | None = None) -> None:
+        """cnm_tunnel_ingress on the vxlan device (TC ingress)."""
+        self._attach(INGRESS, ifindex or self.vxlan_ifindex, netns, "ingress")
+
+    def attached(self, ifindex: int, netns: str | None = None) -> bool:
+        program = INGRESS if ifindex == self.vxlan_ifindex else EGRESS
+        return self._attached(program, ifindex, netns, "ingress")
+
+    def add_endpoints(self, endpoints: Iterable[TunnelEndpoint]) -> None:
+        entries = list(endpoints)
+        for ep in entries:
+            if not isinstance(ep, TunnelEndpoint):
+                raise errors.InvalidArgument(f"not a TunnelEndpoint: {ep!r}")
+        self.map(LOCAL).update_batch([ep._raw for ep in entries])
+
+    def add_endpoint(self, endpoint: TunnelEndpoint) -> None:
+        self.add_endpoints([endpoint])
+
+    def remove_endpoint(self, address: ipaddress.IPv4Address | str) -> bool:
+        return self.map(LOCAL).delete(ipv4(address).packed)
+
+    def endpoints(self) -> list[TunnelEndpoint]:
+        return [TunnelEndpoint.from_raw(k, v) for k, v in self.map(LOCAL).items()]
+
+    def add_peers(self, peers: Iterable[TunnelPeer]) -> None:
+        entries = list(peers)
+        for p in entries:
+            if not isinstance(p, TunnelPeer):
+                raise errors.InvalidArgument(f"not a TunnelPeer: {p!r}")
+        self.map(PEERS).update_batch([p._raw for p in entries])
+
+    def add_peer(self, peer: TunnelPeer) -> None:
+        self.add_peers([peer])
+
+    def remove_peer(self, address: ipaddress.IPv4Address | str) -> bool:
+        """Forget a remote peer (its frames are no longer tunnelled); False when unknown."""
+        return self.map(PEERS).delete(ipv4(address).packed)
+
+    def peers(self) -> list[TunnelPeer]:
+        return [TunnelPeer.from_raw(k, v) for k, v in self.map(PEERS).items()]
+
+    def counters(self) -> TunnelCounters:
+        return TunnelCounters(**self.counter_values())

@@ -1,0 +1,323 @@
+"""The multi-host rig for overlay tests and benchmarks (run as root, inside the session's
+throwaway namespaces).
+
+Hosts are network namespaces joined by an underlay bridge `ul0` (198.18.0.0/24, the
+benchmarking range; addresses exist only inside these namespaces); etcd runs in its own
+namespace on the underlay, started and stopped by the rig. Each host runs one controller
+process (this module run as `python -m tests.e2e.overlay_rig NETNS STATE RUN STORE`) with
+its own state_dir and run_dir, driven over JSON lines on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBNET = "198.18.0"
+ETCD_ADDR = f"{SUBNET}.100"
+ETCD_PORT = 2379
+UNDERLAY = "ul0"
+
+
+def etcd_available() -> bool:
+    return shutil.which("etcd") is not None
+
+
+class RemoteError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class HostProc:
+    """One host's controller process."""
+
+    def __init__(self, name: str, netns: str, state: str, run: str, store: str, env: dict) -> None:
+        self.name, self.netns, self.state, self.run, self.store = name, netns, state, run, store
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.overlay_rig",
+                self.netns,
+                self.state,
+                self.run,
+                self.store,
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **self.env},
+        )
+        self.call("ping")
+
+    def call(self, op: str, **args: Any) -> Any:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"host {self.name}: controller process died")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RemoteError(reply["error"], reply["message"])
+        return reply["result"]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            self.call("quit")
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class Rig:
+    """Hosts + underlay + etcd. Use `start()`, then `host(i)`; `close()` stops all."""
+
+    def __init__(self, base: Path, hosts: int = 3, *, env: dict | None = None) -> None:
+        from cnm.fastpath import netns
+
+        self.base = base
+        self.netns = netns
+        self.etcd_proc: subprocess.Popen[bytes] | None = None
+        self.store = f"etcd://{ETCD_ADDR}:{ETCD_PORT}/cnm-{os.getpid()}-{int(time.time())}"
+        self.hosts: list[HostProc] = []
+        self.env = env or {}
+        self.count = hosts
+        self._made: list[str] = []
+
+    def _sh(self, *argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    def _node(self, name: str, octet: int) -> str:
+        from cnm.fastpath import rtnl
+        from cnm.fastpath.transport import NetlinkSocket
+
+        path = str(self.base / "ns" / name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.netns.create(path)
+        self._made.append(path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with NetlinkSocket() as sock:
+                master = sock.get(rtnl.link_get(UNDERLAY)).header[2]
+                sock.request(
+                    rtnl.veth(
+                        rtnl.VethSpec(
+                            name=f"ul-{name}", peer_name="eth0", peer_netns_fd=fd, master=master
+                        )
+                    )
+                )
+        finally:
+            os.close(fd)
+        self._sh(
+            "nsenter", f"--net={path}", "ip", "addr", "add", f"{SUBNET}.{octet}/24", "dev", "eth0"
+        )
+        self._sh("nsenter", f"--net={path}", "ip", "link", "set", "eth0", "up")
+        return path
+
+    def start(self) -> Rig:
+        self._sh("ip", "link", "add", UNDERLAY, "type", "bridge")
+        self._sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", UNDERLAY)
+        self._sh("ip", "link", "set", UNDERLAY, "up")
+        self.etcd_ns = self._node("etcd", 100)
+        self.start_etcd()
+        for i in range(1, self.count + 1):
+            path = self._node(f"h{i}", i)
+            h = HostProc(
+                f"h{i}",
+                path,
+                str(self.base / f"h{i}" / "state"),
+                str(self.base / f"h{i}" / "run"),
+                self.store,
+                self.env,
+            )
+            h.start()
+            self.hosts.append(h)
+        return self
+
+    def host(self, i: int) -> HostProc:
+        return self.hosts[i - 1]
+
+    def vtep(self, i: int) -> str:
+        return f"{SUBNET}.{i}"
+
+    def start_etcd(self) -> None:
+        data = self.base / "etcd-data"
+        url = f"http://{ETCD_ADDR}:{ETCD_PORT}"
+        self.etcd_proc = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net={self.etcd_ns}",
+                "etcd",
+                "--name",
+                "rig",
+                "--data-dir",
+                str(data),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "rig=http://127.0.0.1:2380",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.base / "etcd.log", "ab"),  # noqa: SIM115
+        )
+        from cnm.control.store.etcd import EtcdStore
+
+        probe = EtcdStore(self.store, timeout=0.5)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    probe.status()
+                    return
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            probe.close()
+
+    def stop_etcd(self) -> None:
+        if self.etcd_proc is not None:
+            self.etcd_proc.send_signal(signal.SIGTERM)
+            try:
+                self.etcd_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.etcd_proc.kill()
+                self.etcd_proc.wait()
+            self.etcd_proc = None
+
+    def close(self) -> None:
+        for h in self.hosts:
+            h.stop()
+        self.stop_etcd()
+        subprocess.run(["ip", "link", "del", UNDERLAY], capture_output=True)
+        for path in self._made:
+            self.netns.delete(path)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# --- the controller process of one host -------------------------------------------------
+
+
+def _serve(netns_path: str, state: str, run: str, store: str) -> None:
+    from cnm.fastpath import netns
+
+    fd = os.open(netns_path, os.O_RDONLY)
+    netns.setns(fd)  # before any thread exists: every thread of this process lives there
+    os.close(fd)
+
+    from cnm.control import NetworkController
+    from cnm.control.types import IPAMConfig
+
+    ctl = NetworkController(state_dir=state, run_dir=run, store=store)
+    out = sys.stdout
+
+    def endpoint(net: str, ep: str) -> Any:
+        return ctl.network(net).endpoint(ep)
+
+    def ops(op: str, a: dict[str, Any]) -> Any:
+        if op == "ping":
+            return "pong"
+        if op == "create_network":
+            ipv4 = [IPAMConfig(subnet=a["subnet"])] if a.get("subnet") else None
+            n = ctl.create_network(
+                a["name"], driver=a.get("driver", "overlay"), ipv4=ipv4, options=a.get("options")
+            )
+            return {"id": n.id, "name": n.name}
+        if op == "network":
+            n = ctl.network(a["name"])
+            return {
+                "id": n.id,
+                "name": n.name,
+                "driver": n.driver,
+                "scope": n.record.scope,
+                "subnets": [p.subnet for p in n.record.ipv4],
+            }
+        if op == "networks":
+            return sorted(n.name for n in ctl.networks())
+        if op == "create_endpoints":
+            eps = ctl.network(a["net"]).create_endpoints(a["names"])
+            return [
+                {"name": e.name, "id": e.id, "ip": str(e.ipv4_address.ip), "mac": e.mac_address}
+                for e in eps
+            ]
+        if op == "join_many":
+            return ctl.join_many([(endpoint(n, e), c) for n, e, c in a["items"]])
+        if op == "leave_many":
+            ctl.leave_many([(endpoint(n, e), c) for n, e, c in a["items"]])
+            return None
+        if op == "delete_endpoint":
+            endpoint(a["net"], a["ep"]).delete()
+            return None
+        if op == "delete_network":
+            ctl.network(a["name"]).delete()
+            return None
+        if op == "reconcile":
+            return ctl.reconcile().to_dict()
+        if op == "status":
+            return ctl._global.status()
+        if op == "overlay_key":
+            return ctl._global.links.key(ctl.network(a["name"]).id)
+        if op == "vni":
+            return ctl._global.driver.vni(ctl.network(a["name"]).id)
+        raise ValueError(f"unknown op {op!r}")
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "quit":
+            ctl.close()
+            out.write(json.dumps({"result": None}) + "\n")
+            out.flush()
+            return
+        try:
+            reply = {"result": ops(req["op"], req.get("args") or {})}
+        except Exception as exc:
+            reply = {"error": type(exc).__name__, "message": str(exc)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    ctl.close()
+
+
+if __name__ == "__main__":
+    _serve(*sys.argv[1:5])
+
+
+__all__ = ["HostProc", "RemoteError", "Rig", "etcd_available", "ipaddress", "wait_for"]

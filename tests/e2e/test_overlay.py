@@ -1,0 +1,297 @@
+"""Overlay networks across hosts (issue 6): VXLAN between host namespaces, etcd as the
+global store, one controller process per host (tests/e2e/overlay_rig.py).
+
+Independent oracles: `ping` from inside the sandboxes, `bridge fdb` / `ip neigh` / `ip -d
+link` inside each network's namespace, etcd itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.overlay_rig import RemoteError, Rig, etcd_available, wait_for
+from tests.kernel.oracles import ns_fdb, ns_link_details, ns_neighbours, ns_ping
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(not etcd_available(), reason="etcd-server is not installed"),
+]
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    r = Rig(
+        Path(tmp_path_factory.mktemp("overlay")), hosts=3, env={"CNM_OVERLAY_REPAIR_INTERVAL": "1"}
+    )
+    try:
+        yield r.start()
+    finally:
+        r.close()
+
+
+def _net(rig: Rig, **kw: object) -> str:
+    name = f"ov{next(_names)}"
+    rig.host(1).call("create_network", name=name, **kw)
+    return name
+
+
+def _join(rig: Rig, i: int, net: str, ep: str) -> tuple[str, dict]:
+    """Endpoint `ep` created and joined on host i; (sandbox key, endpoint)."""
+    h = rig.host(i)
+    [info] = h.call("create_endpoints", net=net, names=[ep])
+    [key] = h.call("join_many", items=[[net, ep, f"c-{ep}"]])
+    return key, info
+
+
+def _fdb(rig: Rig, i: int, net: str) -> set[tuple[str, str]]:
+    key = rig.host(i).call("overlay_key", name=net)
+    return {(e["mac"], e["dst"]) for e in ns_fdb(key, "vxlan0") if "dst" in e}
+
+
+def _neigh(rig: Rig, i: int, net: str) -> set[tuple[str, str]]:
+    key = rig.host(i).call("overlay_key", name=net)
+    return {
+        (e["dst"], e.get("lladdr", ""))
+        for e in ns_neighbours(key, "vxlan0")
+        if "PERMANENT" in e.get("state", [])
+    }
+
+
+def test_three_hosts_ping_each_other_across_vxlan(rig: Rig) -> None:
+    net = _net(rig)
+    for i in (2, 3):  # made on host 1, visible everywhere
+        seen = rig.host(i).call("network", name=net)
+        assert seen["driver"] == "overlay" and seen["scope"] == "global"
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    ips = {info["ip"] for _, info in joined.values()}
+    assert len(ips) == 3  # one allocator for every host
+    for i, (key, _) in joined.items():
+        for j, (_, other) in joined.items():
+            if i != j:
+                assert wait_for(lambda k=key, o=other: ns_ping(k, o["ip"]), 10), (i, j)
+    # The data plane as libnetwork lays it out, read back with iproute2.
+    ovl = rig.host(2).call("overlay_key", name=net)
+    links = ns_link_details(ovl)
+    vx = links["vxlan0"]["linkinfo"]["info_data"]
+    assert vx["id"] == rig.host(2).call("vni", name=net) >= 4096
+    assert vx["port"] == 4789 and vx["learning"] is False
+    assert links["vxlan0"]["mtu"] == 1450 and links["br0"]["mtu"] == 1450
+    key2, _ = joined[2]
+    assert ns_link_details(key2)["eth0"]["mtu"] == 1450
+    # Host 2 holds the two remote peers: FDB to their VTEPs, permanent neighbours.
+    remote = [joined[1][1], joined[3][1]]
+    assert {(p["mac"], rig.vtep(i)) for p, i in zip(remote, (1, 3), strict=True)} <= _fdb(
+        rig, 2, net
+    )
+    assert {(p["ip"], p["mac"]) for p in remote} <= _neigh(rig, 2, net)
+
+
+def test_leave_removes_entries_on_every_host(rig: Rig) -> None:
+    net = _net(rig)
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    mac1, ip1 = joined[1][1]["mac"], joined[1][1]["ip"]
+    for i in (2, 3):
+        assert wait_for(lambda i=i: (mac1, rig.vtep(1)) in _fdb(rig, i, net), 10)
+    rig.host(1).call("leave_many", items=[[net, f"{net}-e1", f"c-{net}-e1"]])
+    for i in (2, 3):
+        assert wait_for(lambda i=i: (mac1, rig.vtep(1)) not in _fdb(rig, i, net), 10)
+        assert (ip1, mac1) not in _neigh(rig, i, net)
+    # The others still reach each other.
+    assert ns_ping(joined[2][0], joined[3][1]["ip"])
+
+
+def test_conflicting_vni_subnet_and_name_get_typed_errors(rig: Rig) -> None:
+    net = _net(
+        rig,
+        subnet="10.231.0.0/24",
+        options={"com.docker.network.driver.overlay.vxlanid_list": "777001"},
+    )
+    assert rig.host(2).call("vni", name=net) == 777001
+    h2 = rig.host(2)
+    before = h2.call("networks")
+    with pytest.raises(RemoteError) as exc:
+        h2.call(
+            "create_network",
+            name="other-vni",
+            options={"com.docker.network.driver.overlay.vxlanid_list": "777001"},
+        )
+    assert exc.value.kind == "VNIInUse"
+    with pytest.raises(RemoteError) as exc:
+        h2.call("create_network", name="other-subnet", subnet="10.231.0.128/25")
+    assert exc.value.kind == "PoolOverlap"
+    with pytest.raises(RemoteError) as exc:
+        rig.host(3).call("create_network", name=net, subnet="10.232.0.0/24")
+    assert exc.value.kind == "NameInUse"
+    with pytest.raises(RemoteError) as exc:
+        h2.call(
+            "create_network",
+            name="bad-vni",
+            options={"com.docker.network.driver.overlay.vxlanid_list": "16777216"},
+        )
+    assert exc.value.kind == "InvalidParameter"
+    assert h2.call("networks") == before  # nothing was left behind
+    # The failed attempts released what they claimed: the subnet and VNI are free again
+    # once the network is gone.
+    rig.host(1).call("delete_network", name=net)
+    assert wait_for(lambda: net not in h2.call("networks"), 10)
+    h2.call(
+        "create_network",
+        name=f"{net}-again",
+        subnet="10.231.0.0/24",
+        options={"com.docker.network.driver.overlay.vxlanid_list": "777001"},
+    )
+    h2.call("delete_network", name=f"{net}-again")
+
+
+def test_delete_is_refused_while_another_host_has_endpoints(rig: Rig) -> None:
+    net = _net(rig)
+    rig.host(2).call("create_endpoints", net=net, names=[f"{net}-e2"])
+    with pytest.raises(RemoteError) as exc:
+        rig.host(1).call("delete_network", name=net)
+    assert exc.value.kind == "ActiveEndpoints"
+    rig.host(2).call("delete_endpoint", net=net, ep=f"{net}-e2")
+    rig.host(1).call("delete_network", name=net)
+    for i in (2, 3):
+        assert wait_for(lambda i=i: net not in rig.host(i).call("networks"), 10)
+
+
+def test_etcd_outage_keeps_traffic_and_joins_converge(rig: Rig) -> None:
+    net = _net(rig)
+    k1, _ = _join(rig, 1, net, f"{net}-e1")
+    k2, e2 = _join(rig, 2, net, f"{net}-e2")
+    [late] = rig.host(1).call("create_endpoints", net=net, names=[f"{net}-late"])
+    assert wait_for(lambda: ns_ping(k1, e2["ip"]), 10)
+    rig.stop_etcd()
+    try:
+        assert wait_for(lambda: not rig.host(2).call("status")["connected"], 10)
+        assert ns_ping(k1, e2["ip"])  # existing traffic does not need etcd
+        [late_key] = rig.host(1).call("join_many", items=[[net, f"{net}-late", "c-late"]])
+        assert (late["mac"], rig.vtep(1)) not in _fdb(rig, 2, net)
+    finally:
+        rig.start_etcd()
+    assert wait_for(lambda: (late["mac"], rig.vtep(1)) in _fdb(rig, 2, net), 20)
+    assert wait_for(lambda: ns_ping(late_key, e2["ip"]), 10)
+    assert ns_ping(k2, late["ip"])
+
+
+def test_restarted_host_rejoins_and_converges(rig: Rig) -> None:
+    net = _net(rig)
+    k3, e3 = _join(rig, 3, net, f"{net}-e3")
+    _join(rig, 1, net, f"{net}-e1")
+    h3 = rig.host(3)
+    h3.stop()
+    try:
+        k1b, e1b = _join(rig, 1, net, f"{net}-e1b")  # while host 3 is away
+        rig.host(1).call("leave_many", items=[[net, f"{net}-e1", f"c-{net}-e1"]])
+    finally:
+        h3.start()
+    assert wait_for(lambda: (e1b["mac"], rig.vtep(1)) in _fdb(rig, 3, net), 10)
+    assert wait_for(lambda: all(m != e3["mac"] for m, _ in _fdb(rig, 3, net)), 1)
+    assert len(_fdb(rig, 3, net)) == 1  # the peer that left is gone here too
+    assert wait_for(lambda: ns_ping(k3, e1b["ip"]), 10)
+    assert ns_ping(k1b, e3["ip"])
+
+
+def test_fdb_and_neighbour_drift_is_repaired(rig: Rig) -> None:
+    import subprocess
+
+    net = _net(rig)
+    _, e1 = _join(rig, 1, net, f"{net}-e1")
+    k2, _ = _join(rig, 2, net, f"{net}-e2")
+    assert wait_for(lambda: (e1["mac"], rig.vtep(1)) in _fdb(rig, 2, net), 10)
+    ovl = rig.host(2).call("overlay_key", name=net)
+
+    def damage() -> None:
+        for argv in (
+            ["bridge", "fdb", "del", e1["mac"], "dev", "vxlan0", "dst", rig.vtep(1), "self"],
+            ["ip", "neigh", "del", e1["ip"], "dev", "vxlan0"],
+            [
+                "bridge",
+                "fdb",
+                "append",
+                "02:00:00:00:00:99",
+                "dev",
+                "vxlan0",
+                "dst",
+                "198.18.0.77",
+                "self",
+                "permanent",
+            ],
+        ):
+            subprocess.run(["nsenter", f"--net={ovl}", *argv], check=True, capture_output=True)
+
+    # An explicit reconcile repairs it and counts the repairs.
+    rig.host(2).call("status")
+    damage()
+    assert (e1["mac"], rig.vtep(1)) not in _fdb(rig, 2, net)
+    report = rig.host(2).call("reconcile")
+    kinds = [r["kind"] for r in report["repairs"]]
+    assert "overlay_fdb_restored" in kinds and "overlay_neighbour_restored" in kinds
+    assert "overlay_fdb_removed" in kinds
+    assert (e1["mac"], rig.vtep(1)) in _fdb(rig, 2, net)
+    assert ("02:00:00:00:00:99", "198.18.0.77") not in _fdb(rig, 2, net)
+    assert (e1["ip"], e1["mac"]) in _neigh(rig, 2, net)
+    # The agent's periodic pass (every second here) repairs it without being asked.
+    before = rig.host(2).call("status")["repairs"]
+    damage()
+    assert wait_for(lambda: (e1["mac"], rig.vtep(1)) in _fdb(rig, 2, net), 10)
+    assert wait_for(lambda: rig.host(2).call("status")["repairs"] >= before + 3, 10)
+    assert ns_ping(k2, e1["ip"])
+
+
+def test_cnm_agent_keeps_a_host_in_step(rig: Rig) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    net = _net(rig)
+    _join(rig, 3, net, f"{net}-e3")
+    h3 = rig.host(3)
+    h3.stop()  # host 3's controller process gives way to the long-lived agent
+    cnm = str(Path(sys.executable).with_name("cnm"))
+    agent = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net={h3.netns}",
+            cnm,
+            "--state-dir",
+            h3.state,
+            "--run-dir",
+            h3.run,
+            "agent",
+            "--store",
+            rig.store,
+            "--status-every",
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert agent.stdout is not None
+        first = json.loads(agent.stdout.readline())
+        assert first["agent"] == "running" and first["connected"] is True
+        _, e1 = _join(rig, 1, net, f"{net}-e1")
+        ovl = f"{h3.run}/overlay/{rig.host(1).call('network', name=net)['id']}"
+
+        def programmed() -> bool:
+            return any(
+                e["mac"] == e1["mac"] and e.get("dst") == rig.vtep(1) for e in ns_fdb(ovl, "vxlan0")
+            )
+
+        assert wait_for(programmed, 10)
+        agent.send_signal(signal.SIGTERM)
+        out = agent.communicate(timeout=15)[0].strip().splitlines()
+        assert agent.returncode == 0 and json.loads(out[-1])["agent"] == "stopped"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        h3.start()
