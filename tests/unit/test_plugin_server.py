@@ -1,13 +1,12 @@
 """`cnm plugin serve` driven over its unix socket with raw HTTP, as an engine drives it.
 
-Every request a real Docker 20.10 engine sent (shared/traces/) is replayed in order, and
-the interface the Join hands out is then moved into namespaces made here, the way the
-engine does it, to show real packets cross the bridge. Also: the reference counting of
-pools, a restart of the plugin between Join and Leave, concurrent calls, the error
-replies, and a hypothesis fuzz of random and malformed bodies (never a crash; a failed
-request leaves the store and the kernel as they were). Judged with `ip -j` and the
-store's own tables.
-"""
+Every request a real Docker 20.10 engine sent (tests/data/, a copy of shared/traces/) is
+replayed in order, and the interface the Join hands out is then moved into namespaces made
+here, the way the engine does it, to show real packets cross the bridge. Also: the
+reference counting of pools, a restart of the plugin between Join and Leave, concurrent
+calls, the error replies, and a hypothesis fuzz of random and malformed bodies (never a
+crash; a failed request leaves the store and the kernel as they were). Judged with `ip -j`
+and the store's own tables."""
 
 from __future__ import annotations
 
@@ -44,7 +43,8 @@ from cnm.fastpath import netns
 
 privileged = pytest.mark.privileged  # every test that runs the plugin (it makes devices)
 
-TRACE = Path(__file__).resolve().parents[3] / "shared/traces/dockerd-20.10-remote-plugin.jsonl"
+# A copy of shared/traces/dockerd-20.10-remote-plugin.jsonl: the clone must carry it.
+TRACE = Path(__file__).resolve().parents[1] / "data/dockerd-20.10-remote-plugin.jsonl"
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
 
 
