@@ -1,8 +1,11 @@
 """Overlay benchmarks (issue 6), each a ratio to a reference measured in the same run.
 
 - Programming N remote peers (static FDB entry + permanent neighbour each, N = 10,000 by
-  default, $CNM_BENCH_PEERS) on one host's VXLAN device: cnm's batched fast path
-  (native and pure-Python codecs) vs pyroute2, one request at a time.
+  default, $CNM_BENCH_PEERS) on one host's VXLAN device, adding and deleting: cnm's
+  batched fast path (native and pure-Python codecs) vs the same batches sent by a C
+  program (benchmarks/peer_floor.c, built here: the kernel floor), best of
+  $CNM_BENCH_ROUNDS interleaved rounds (3); pyroute2, one request at a time, once.
+  Target: within 1.3x of the C floor.
 - Join-to-programmed: from a join on host 1 until the peer's FDB entry is in host 2's
   kernel (etcd write, watch, batch), against the duration of the join call itself.
 """
@@ -10,23 +13,36 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import json
 import os
 import shutil
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cnm.control.osl.overlay import OverlayLinks, OverlaySpec, PeerChanges, PeerEntry
+from cnm import fastpath
+from cnm.control.osl.overlay import (
+    OverlayDevices,
+    OverlayLinks,
+    OverlaySpec,
+    PeerChanges,
+    PeerEntry,
+)
 from cnm.fastpath import messages as m
 from cnm.fastpath import netns, rtnl
 from cnm.fastpath.records import neigh_record
 from cnm.fastpath.transport import NetlinkSocket
 
-from .bench_common import best_of, record_ratio, settle
+from .bench_common import record_ratio, settle
 
 pytestmark = pytest.mark.privileged
 PEERS = int(os.environ.get("CNM_BENCH_PEERS", "10000"))
+ROUNDS = int(os.environ.get("CNM_BENCH_ROUNDS", "3")) or 1
 
 
 def _peers(n: int) -> list[PeerEntry]:
@@ -41,33 +57,92 @@ def _peers(n: int) -> list[PeerEntry]:
     ]
 
 
-def test_program_remote_peers(benchmark, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def peer_floor() -> Iterator[str]:
+    """benchmarks/peer_floor.c built here: the C floor for peer programming."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip("no C compiler for the kernel-floor reference")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "peer_floor")
+        src = Path(__file__).with_name("peer_floor.c")
+        subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
+        yield out
+
+
+def _floor_round(binary: str, dev: OverlayDevices) -> tuple[float, float]:
+    """One add + delete of every peer by the C program, in the network's namespace."""
+    out = subprocess.run(
+        [binary, dev.key, str(dev.vxlan), str(PEERS), "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out)
+    assert result["errors"] == 0, result
+    return float(result["add_s"]), float(result["del_s"])
+
+
+def _cnm_round(
+    links: OverlayLinks, dev: OverlayDevices, peers: list[PeerEntry]
+) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    links.program(dev, PeerChanges.of(add=peers))
+    t1 = time.perf_counter()
+    links.program(dev, PeerChanges.of(remove=peers))
+    return t1 - t0, time.perf_counter() - t1
+
+
+def test_program_remote_peers(benchmark, peer_floor: str, tmp_path: Path) -> None:
+    """Add and delete of N peers: cnm (native and python codecs) against the C floor,
+    interleaved rounds on a settled machine, best of each; pyroute2 once (adds only)."""
     peers = _peers(PEERS)
     net_id = "b" * 64
-    spec = OverlaySpec(
-        net_id, vni=4242, port=4789, vtep=ipaddress.ip_address("198.19.0.1"), mtu=1450
-    )
-    results: dict[str, float] = {}
-    for backend in ("native", "python"):
-        links = OverlayLinks(str(tmp_path / backend), backend=backend)
-        dev = links.create(spec)
-        try:
+    vnis = itertools.count(4242)  # a fresh VNI each time: a deleted namespace dies late
 
-            def add(links: OverlayLinks = links, dev=dev) -> None:
-                links.program(dev, PeerChanges.of(add=peers))
+    def spec() -> OverlaySpec:
+        vtep = ipaddress.ip_address("198.19.0.1")
+        return OverlaySpec(net_id, vni=next(vnis), port=4789, vtep=vtep, mtu=1450)
 
-            def clear(links: OverlayLinks = links, dev=dev) -> None:
-                links.program(dev, PeerChanges.of(remove=peers))
+    variants = ["floor", "python"]
+    if fastpath.native_available():
+        variants.insert(1, "native")
+    adds: dict[str, list[float]] = {v: [] for v in variants}
+    dels: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(ROUNDS):
+        for variant in variants:
+            backend = "python" if variant == "floor" else variant
+            links = OverlayLinks(str(tmp_path / variant), backend=backend)
+            dev = links.create(spec())
+            try:
+                settle()
+                if variant == "floor":
+                    add, delete = _floor_round(peer_floor, dev)
+                else:
+                    add, delete = _cnm_round(links, dev, peers)
+                adds[variant].append(add)
+                dels[variant].append(delete)
+                fdb, neigh = links.programmed(dev)
+                assert not fdb and not neigh  # the deletions really removed everything
+                # ... and the additions really programmed every entry.
+                if variant == "floor":
+                    subprocess.run(
+                        [peer_floor, dev.key, str(dev.vxlan), str(PEERS), "0", "keep"],
+                        check=True,
+                        capture_output=True,
+                    )
+                else:
+                    links.program(dev, PeerChanges.of(add=peers))
+                fdb, neigh = links.programmed(dev)
+                assert len(fdb) == PEERS and len(neigh) == PEERS, variant
+                assert (peers[-1].mac, peers[-1].vtep) in fdb
+                assert (peers[-1].ip, peers[-1].mac) in neigh
+            finally:
+                links.remove(net_id)
 
-            results[backend] = best_of(add, rounds=3, setup=clear)
-            fdb, neigh = links.programmed(dev)
-            assert len(fdb) == PEERS and len(neigh) == PEERS  # really programmed
-        finally:
-            links.remove(net_id)
-        settle()
-
+    settle()
     links = OverlayLinks(str(tmp_path / "pyroute2"))
-    dev = links.create(spec)
+    dev = links.create(spec())
     try:
 
         def one_at_a_time() -> None:
@@ -89,10 +164,22 @@ def test_program_remote_peers(benchmark, tmp_path: Path) -> None:
         links.remove(net_id)
 
     benchmark.extra_info["peers"] = PEERS
+    benchmark.extra_info["rounds"] = ROUNDS
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    record_ratio(benchmark, f"peers_{PEERS}_native_vs_pyroute2", results["native"], pyroute2)
-    record_ratio(benchmark, f"peers_{PEERS}_python_vs_pyroute2", results["python"], pyroute2)
-    record_ratio(benchmark, f"peers_{PEERS}_python_vs_native", results["python"], results["native"])
+    floor_add, floor_del = min(adds["floor"]), min(dels["floor"])
+    for variant in variants[1:]:
+        record_ratio(
+            benchmark, f"peers_{PEERS}_add_{variant}_vs_c_floor", min(adds[variant]), floor_add
+        )
+        record_ratio(
+            benchmark, f"peers_{PEERS}_del_{variant}_vs_c_floor", min(dels[variant]), floor_del
+        )
+    record_ratio(benchmark, f"peers_{PEERS}_add_pyroute2_vs_c_floor", pyroute2, floor_add)
+    for name, values in (("add", adds), ("del", dels)):
+        for variant in variants:
+            benchmark.extra_info[f"us_per_peer_{name}_{variant}"] = round(
+                min(values[variant]) / PEERS * 1e6, 2
+            )
 
 
 @pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd-server is not installed")

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -56,6 +57,7 @@ from .ipam.api import (
 from .ipam.default import DefaultIpam
 from .network import Network
 from .osl import NamespaceStore
+from .osl.accel import Accelerator, default_pin_root
 from .osl.files import remove_files, write_files
 from .osl.firewall import Firewall
 from .osl.interfaces import InterfaceConfig, SandboxInterfaces, free_name
@@ -113,6 +115,7 @@ class NetworkController:
         store: str | None = None,
         plugin_dirs: Sequence[str] | None = None,
         ebpf: str = "auto",
+        bpf_pin_root: str | None = None,
     ) -> None:
         try:
             self.fastpath = _select_fastpath(fastpath)
@@ -124,9 +127,16 @@ class NetworkController:
             )
         if ebpf not in ("auto", "on", "off"):
             raise errors.InvalidParameter(f"ebpf must be 'auto', 'on' or 'off', not {ebpf!r}")
+        if bpf_pin_root is not None and (
+            not isinstance(bpf_pin_root, str) or not bpf_pin_root.startswith("/")
+        ):
+            raise errors.InvalidParameter("bpf_pin_root must be an absolute path (on bpffs)")
+        # The optional BPF data path (osl.accel): "on" is decided now, so a host that
+        # cannot run it fails here (EbpfUnavailable); "auto" decides on first use and
+        # falls back to the kernel path, logging why; `ctl.ebpf` says what is in use.
+        self._accel = Accelerator(ebpf, bpf_pin_root or default_pin_root(state_dir))
         if ebpf == "on":
-            raise errors.Unsupported("the eBPF data path is not part of this build yet")
-        self.ebpf = "off"
+            self._accel.resolve()
         if plugin_dirs is None:
             plugin_dirs = DEFAULT_PLUGIN_DIRS
         if isinstance(plugin_dirs, str) or not all(isinstance(d, str) for d in plugin_dirs):
@@ -138,7 +148,7 @@ class NetworkController:
         self._ipam: dict[str, IpamDriver] = {"default": DefaultIpam(self._store)}
         self._links = HostLinks(backend=self.fastpath)
         self._interfaces = SandboxInterfaces(backend=self.fastpath)
-        self._registry: DriverRegistry = builtin_registry(self._links, Firewall())
+        self._registry: DriverRegistry = builtin_registry(self._links, Firewall(), self._accel)
         from .drivers.remote import remote_driver
         from .plugins import Plugins
 
@@ -174,6 +184,23 @@ class NetworkController:
             self._reaper.join()
             self._reap()
             self._store.close()
+            self._accel.close()
+
+    @property
+    def ebpf(self) -> str:
+        """The data path in use: "on" (the BPF redirect) or "off" (the kernel's alone).
+        With ebpf="auto" reading it decides (probe + load) when nothing did yet."""
+        return self._accel.state
+
+    @property
+    def ebpf_reason(self) -> str | None:
+        """Why the BPF path is not in use (None when it is, or is not decided yet)."""
+        return self._accel.reason
+
+    @property
+    def ebpf_counters(self) -> dict[str, int] | None:
+        """The redirect program's counters summed over the CPUs (None when not in use)."""
+        return self._accel.counters()
 
     def _reap(self) -> None:
         if self._links.pending:
@@ -383,45 +410,58 @@ class NetworkController:
         else:
             ipam = self.ipam_driver(ipam_driver)
         scope = drv.capability.data_scope
+        skip_gw = (False, False)
+        # GwAllocCheck (spec/remote-protocol.md; opt-in, remote drivers): may the
+        # gateway addresses be left unallocated? Asked before any address is.
+        gw_check = getattr(drv, "skip_gateway_allocation", None)
+        if ipam is not None and gw_check is not None:
+            skip_gw = gw_check(typed_opts, enable_ipv6=enable_ipv6, internal=internal)
 
         with self._lock:
             net_id = new_id()
-            with self._store.tx():
+            pools4: tuple[PoolData, ...] = ()
+            pools6: tuple[PoolData, ...] = ()
+            # A plugin's IPAM is asked before the store's write transaction, not inside
+            # it: a plugin that hangs must not hold the write lock (and every other
+            # controller process with it) for its timeout. What it gave is given back
+            # if the record cannot be written.
+            outside = ipam is not None and not _in_store(ipam)
+            if outside:
+                assert ipam is not None
                 if self._store.network_by_name(name) is not None:
                     raise errors.NameInUse("network", name)
-                pools4: tuple[PoolData, ...] = ()
-                pools6: tuple[PoolData, ...] = ()
-                if ipam is not None:
-                    local, global_ = ipam.default_address_spaces()
-                    space = global_ if scope in ("global", "swarm") else local
-                    pools4 = self._request_pools(
-                        ipam, net_id, space, v4 or [None], ipam_opts, False
-                    )
-                    if enable_ipv6:
-                        try:
-                            pools6 = self._request_pools(
-                                ipam, net_id, space, v6 or [None], ipam_opts, True
-                            )
-                        except BaseException as exc:  # a remote IPAM keeps what it gave
-                            _undo_ipam(ipam, _pool_holdings(pools4), exc)
-                            raise
-                rec = NetworkRecord(
-                    id=net_id,
-                    name=name,
-                    driver=driver,
-                    scope=scope,
-                    ipam_driver=ipam_driver,
-                    enable_ipv6=enable_ipv6,
-                    internal=internal,
-                    options=opts,
-                    labels=labels_,
-                    ipam_options=ipam_opts,
-                    ipv4=pools4,
-                    ipv6=pools6,
-                    state="creating",
-                    created=time.time(),
+                pools4, pools6 = self._network_pools(
+                    ipam, net_id, scope, v4, v6, enable_ipv6, ipam_opts, skip_gw
                 )
-                self._store.put_network(rec)
+            try:
+                with self._store.tx():
+                    if self._store.network_by_name(name) is not None:
+                        raise errors.NameInUse("network", name)
+                    if ipam is not None and not outside:
+                        pools4, pools6 = self._network_pools(
+                            ipam, net_id, scope, v4, v6, enable_ipv6, ipam_opts, skip_gw
+                        )
+                    rec = NetworkRecord(
+                        id=net_id,
+                        name=name,
+                        driver=driver,
+                        scope=scope,
+                        ipam_driver=ipam_driver,
+                        enable_ipv6=enable_ipv6,
+                        internal=internal,
+                        options=opts,
+                        labels=labels_,
+                        ipam_options=ipam_opts,
+                        ipv4=pools4,
+                        ipv6=pools6,
+                        state="creating",
+                        created=time.time(),
+                    )
+                    self._store.put_network(rec)
+            except BaseException as exc:
+                if ipam is not None and outside:
+                    _undo_ipam(ipam, _pool_holdings((*pools4, *pools6)), exc)
+                raise
             info = NetworkInfo(
                 id=net_id,
                 name=name,
@@ -442,13 +482,44 @@ class NetworkController:
             except BaseException:
                 if published:
                     self._global.withdraw_network(rec, check=False)
-                with self._store.tx():
-                    self._release_network_pools(rec)
-                    self._store.delete_network(net_id)
+                self._release_then_delete(
+                    rec.ipam_driver,
+                    lambda: self._release_network_pools(rec),
+                    lambda: self._store.delete_network(net_id),
+                )
                 raise
             rec = replace(rec, state="ready")
             self._store.set_network_state(net_id, "ready")
             return Network(self, rec)
+
+    def _network_pools(
+        self,
+        ipam: IpamDriver,
+        owner: str,
+        scope: str,
+        v4: Sequence[ValidIPAMConfig],
+        v6: Sequence[ValidIPAMConfig],
+        enable_ipv6: bool,
+        options: Mapping[str, str],
+        skip_gw: tuple[bool, bool],
+    ) -> tuple[tuple[PoolData, ...], tuple[PoolData, ...]]:
+        """A new network's IPv4 and (with enable_ipv6) IPv6 pools, in the address space
+        of its scope; all or nothing."""
+        local, global_ = ipam.default_address_spaces()
+        space = global_ if scope in ("global", "swarm") else local
+        pools4 = self._request_pools(
+            ipam, owner, space, v4 or [None], options, False, skip_gateway=skip_gw[0]
+        )
+        pools6: tuple[PoolData, ...] = ()
+        if enable_ipv6:
+            try:
+                pools6 = self._request_pools(
+                    ipam, owner, space, v6 or [None], options, True, skip_gateway=skip_gw[1]
+                )
+            except BaseException as exc:  # a remote IPAM keeps what it gave
+                _undo_ipam(ipam, _pool_holdings(pools4), exc)
+                raise
+        return pools4, pools6
 
     def _request_pools(
         self,
@@ -458,7 +529,12 @@ class NetworkController:
         configs: Sequence[ValidIPAMConfig | None],
         options: Mapping[str, str],
         v6: bool,
+        *,
+        skip_gateway: bool = False,
     ) -> tuple[PoolData, ...]:
+        """Each pool with its gateway and aux addresses. With `skip_gateway` (the
+        driver's GwAllocCheck) no gateway address is requested unless the user chose
+        one; a gateway in the IPAM's pool data is taken either way (the engine's rule)."""
         out = []
         # What was taken so far, given back if a later step fails: a store rollback
         # undoes the default IPAM's part, not a remote IPAM's.
@@ -476,7 +552,7 @@ class NetworkController:
                 )
                 undo.append((res.pool_id, None))
                 gateway = res.data.get(GATEWAY_DATA_KEY)
-                if not gateway:
+                if not gateway and (not skip_gateway or (cfg and cfg.gateway)):
                     gw = ipam.request_address(
                         res.pool_id,
                         cfg.gateway if cfg else None,
@@ -499,12 +575,29 @@ class NetworkController:
                         gateway=gateway,
                         ip_range=str(cfg.ip_range) if cfg and cfg.ip_range else None,
                         aux_addresses=aux,
+                        address_space=space,
                     )
                 )
         except BaseException as exc:
             _undo_ipam(ipam, undo, exc)
             raise
         return tuple(out)
+
+    def _release_then_delete(
+        self, ipam_driver: str, release: Callable[[], None], delete: Callable[[], None]
+    ) -> None:
+        """Give pools or addresses back to the IPAM, then delete the records that held
+        them. The store's own IPAM does both in one transaction; a plugin's calls are
+        made first, outside any transaction (a plugin that hangs must not hold the
+        store's write lock), and the records go only when they succeeded."""
+        if ipam_driver == "null" or _in_store(self.ipam_driver(ipam_driver)):
+            with self._store.tx():
+                release()
+                delete()
+            return
+        release()
+        with self._store.tx():
+            delete()
 
     def _release_network_pools(self, rec: NetworkRecord) -> None:
         if rec.ipam_driver == "null":
@@ -539,9 +632,11 @@ class NetworkController:
             except BaseException:
                 self._store.set_network_state(rec.id, "ready")
                 raise
-            with self._store.tx():
-                self._release_network_pools(rec)
-                self._store.delete_network(rec.id)
+            self._release_then_delete(
+                rec.ipam_driver,
+                lambda: self._release_network_pools(rec),
+                lambda: self._store.delete_network(rec.id),
+            )
 
     # --- endpoints -----------------------------------------------------------------------
 
@@ -565,49 +660,28 @@ class NetworkController:
         if not parsed:
             return []
         with self._lock:
-            with self._store.tx():
-                rec = self._store.network_by_id(net.id)
-                if rec is None:
-                    raise errors.NetworkNotFound(net.name)
-                if rec.state != "ready":
-                    raise errors.Conflict(f"network {rec.name!r} is {rec.state}")
-                if any(v6 for _, _, v6, _, _ in parsed) and not rec.enable_ipv6:
-                    raise errors.InvalidParameter(f"network {rec.name!r} has no IPv6 pool")
-                records = []
-                ifaces = []
-                held: list[IPInterface] = []  # given back on failure (a remote IPAM keeps them)
-                try:
-                    for name, v4, v6, mac, options in parsed:
-                        if self._store.endpoint_by_name(rec.id, name) is not None:
-                            raise errors.NameInUse("endpoint", name)
-                        ep_id = new_id()
-                        a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
-                        held += [a4] if a4 else []
-                        a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
-                        held += [a6] if a6 else []
-                        records.append(
-                            EndpointRecord(
-                                id=ep_id,
-                                name=name,
-                                network_id=rec.id,
-                                ipv4_address=str(a4) if a4 else None,
-                                ipv6_address=str(a6) if a6 else None,
-                                mac_address=mac or "",
-                                options=options,
-                                sandbox_id=None,
-                                state="creating",
-                                join_state="",
-                                driver_data={},
-                            )
-                        )
-                        ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
-                except BaseException as exc:
-                    if held:
-                        _undo_ipam(
-                            self.ipam_driver(rec.ipam_driver), _address_holdings(rec, held), exc
-                        )
-                    raise
-                self._store.put_endpoints(records)
+            rec = self._store.network_by_id(net.id)
+            if rec is None:
+                raise errors.NetworkNotFound(net.name)
+            # A plugin's IPAM is asked before the write transaction (see create_network);
+            # the store's own IPAM inside it, so that a rollback undoes it.
+            outside = rec.ipam_driver != "null" and not _in_store(self.ipam_driver(rec.ipam_driver))
+            records: list[EndpointRecord] = []
+            ifaces: list[InterfaceInfo] = []
+            held: list[IPInterface] = []
+            if outside:
+                rec = self._endpoints_network(net, parsed)
+                records, ifaces, held = self._allocate_endpoints(rec, parsed)
+            try:
+                with self._store.tx():
+                    rec = self._endpoints_network(net, parsed)
+                    if not outside:
+                        records, ifaces, held = self._allocate_endpoints(rec, parsed)
+                    self._store.put_endpoints(records)
+            except BaseException as exc:
+                if outside and held:
+                    _undo_ipam(self.ipam_driver(rec.ipam_driver), _address_holdings(rec, held), exc)
+                raise
             drv = self._driver_for(rec)
             done: list[EndpointRecord] = []
             try:
@@ -629,12 +703,66 @@ class NetworkController:
                         drv.delete_endpoint(rec.id, ep.id)
                     except Exception as cleanup:  # keep going: every endpoint gets its chance
                         exc.add_note(f"rollback: delete_endpoint {ep.name}: {cleanup}")
-                with self._store.tx():
-                    self._release_endpoint_addresses(rec, records)
-                    self._store.delete_endpoints([e.id for e in records])
+                self._release_then_delete(
+                    rec.ipam_driver,
+                    lambda: self._release_endpoint_addresses(rec, records),
+                    lambda: self._store.delete_endpoints([e.id for e in records]),
+                )
                 raise
             self._store.put_endpoints(done)
             return [Endpoint(self, r) for r in done]
+
+    def _endpoints_network(self, net: Network, parsed: Sequence[tuple[Any, ...]]) -> NetworkRecord:
+        """The network new endpoints go on, checked: it exists and is ready, has IPv6
+        if an IPv6 address is asked for, and none of the names is taken."""
+        rec = self._store.network_by_id(net.id)
+        if rec is None:
+            raise errors.NetworkNotFound(net.name)
+        if rec.state != "ready":
+            raise errors.Conflict(f"network {rec.name!r} is {rec.state}")
+        if any(v6 for _, _, v6, _, _ in parsed) and not rec.enable_ipv6:
+            raise errors.InvalidParameter(f"network {rec.name!r} has no IPv6 pool")
+        for name, *_ in parsed:
+            if self._store.endpoint_by_name(rec.id, name) is not None:
+                raise errors.NameInUse("endpoint", name)
+        return rec
+
+    def _allocate_endpoints(
+        self, rec: NetworkRecord, parsed: Sequence[tuple[Any, ...]]
+    ) -> tuple[list[EndpointRecord], list[InterfaceInfo], list[IPInterface]]:
+        """New endpoint records (state "creating") with their addresses; all or nothing:
+        on failure what was taken is given back (a remote IPAM keeps it otherwise)."""
+        records = []
+        ifaces = []
+        held: list[IPInterface] = []
+        try:
+            for name, v4, v6, mac, options in parsed:
+                ep_id = new_id()
+                a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
+                held += [a4] if a4 else []
+                a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
+                held += [a6] if a6 else []
+                records.append(
+                    EndpointRecord(
+                        id=ep_id,
+                        name=name,
+                        network_id=rec.id,
+                        ipv4_address=str(a4) if a4 else None,
+                        ipv6_address=str(a6) if a6 else None,
+                        mac_address=mac or "",
+                        options=options,
+                        sandbox_id=None,
+                        state="creating",
+                        join_state="",
+                        driver_data={},
+                    )
+                )
+                ifaces.append(InterfaceInfo(a4, a6, mac))  # type: ignore[arg-type]
+        except BaseException as exc:
+            if held:
+                _undo_ipam(self.ipam_driver(rec.ipam_driver), _address_holdings(rec, held), exc)
+            raise
+        return records, ifaces, held
 
     def _allocate(
         self, net: NetworkRecord, pools: Sequence[PoolData], want: IPAddress | None, owner: str
@@ -715,10 +843,12 @@ class NetworkController:
                     failures.append(exc)
                     continue
                 deleted.setdefault(net.id, []).append(r)
-            with self._store.tx():
-                for net_id, eps in deleted.items():
-                    self._release_endpoint_addresses(nets[net_id], eps)
-                    self._store.delete_endpoints([e.id for e in eps])
+            for net_id, eps in deleted.items():
+                self._release_then_delete(
+                    nets[net_id].ipam_driver,
+                    functools.partial(self._release_endpoint_addresses, nets[net_id], eps),
+                    functools.partial(self._store.delete_endpoints, [e.id for e in eps]),
+                )
             _raise_all(failures, "delete endpoints")
 
     # --- sandboxes, join and leave -------------------------------------------------------
@@ -912,13 +1042,16 @@ class NetworkController:
 
     def _check_ports(self, networks: Sequence[NetworkRecord]) -> None:
         """Refuse, before the kernel does, a join past a driver's port limit (a Linux
-        bridge takes 1024 ports); one entry in `networks` per join."""
+        bridge takes 1024 ports; a driver with `port_limit(network_id)` says per network,
+        e.g. none for a routed bridge network); one entry in `networks` per join."""
         adding: dict[str, int] = {}
         for n in networks:
             adding[n.id] = adding.get(n.id, 0) + 1
         for net_id, count in adding.items():
             net = next(n for n in networks if n.id == net_id)
-            limit = getattr(self._driver(net.driver), "max_ports", None)
+            drv = self._driver_for(net)
+            per_network = getattr(drv, "port_limit", None)
+            limit = per_network(net.id) if per_network else getattr(drv, "max_ports", None)
             if limit is None:
                 continue
             if self._store.count_joined(net_id) + count > limit:
@@ -945,6 +1078,7 @@ class NetworkController:
                         plans[i].sandbox.key,
                         plans[i].sandbox.container_id,
                         plans[i].ifname,
+                        _interface_info(plans[i].endpoint),
                     ),
                 )
                 for i in idxs
@@ -1380,6 +1514,13 @@ def _address_holdings(
     return out
 
 
+def _in_store(ipam: IpamDriver) -> bool:
+    """Whether the IPAM keeps its allocations in the controller's store, so that a store
+    rollback undoes them (the default IPAM); an IPAM plugin keeps its own, and its calls
+    are made outside store transactions."""
+    return isinstance(ipam, DefaultIpam)
+
+
 def _undo_ipam(
     ipam: IpamDriver, undo: Sequence[tuple[str, IPAddress | None]], exc: BaseException
 ) -> None:
@@ -1413,6 +1554,15 @@ def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) ->
     return out
 
 
+def _interface_info(ep: EndpointRecord) -> InterfaceInfo:
+    """The endpoint's interface as allocated (SandboxInfo.interface at join)."""
+    return InterfaceInfo(
+        ipaddress.IPv4Interface(ep.ipv4_address) if ep.ipv4_address else None,
+        ipaddress.IPv6Interface(ep.ipv6_address) if ep.ipv6_address else None,
+        ep.mac_address or None,
+    )
+
+
 def _join_names(endpoint_id: str, driver: str, ifname: str | None) -> list[str]:
     """Names a half-made interface may have in its sandbox (rollback of a failed join):
     the name the driver made it under, or the one it was renamed to."""
@@ -1421,6 +1571,10 @@ def _join_names(endpoint_id: str, driver: str, ifname: str | None) -> list[str]:
         from .drivers.bridge import peer_name
 
         names.append(peer_name(endpoint_id))
+    elif driver == "overlay":
+        from .drivers.overlay import peer_name as overlay_peer_name
+
+        names.append(overlay_peer_name(endpoint_id))
     return names
 
 

@@ -1,7 +1,9 @@
 """`cnm doctor`: what this host supports, each line a fact that was checked just now.
 
 Privileges, network namespace creation (a real probe namespace made and removed), the
-fast-path backend, the store, and what the optional eBPF data path would find.
+fast-path backend, the store, what the optional eBPF data path would find, and whether
+it is in use for this state directory: its pins (read, never loaded) and the redirect
+program's per-CPU counters summed (redirected, passed = left to the kernel path, ...).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from cnm import fastpath
 from cnm.ebpf.probe import EbpfProbe, probe
 from cnm.fastpath import netns
+
+from .osl.accel import default_pin_root, pinned_counters
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -33,6 +37,8 @@ class DoctorReport:
     nft: str | None  # the nft binary the bridge driver's firewall uses
     ebpf: EbpfProbe
     notes: list[str] = field(default_factory=list)
+    # the data path of this state directory: pin_root, in_use, counters (None: not in use)
+    ebpf_datapath: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,10 +58,29 @@ class DoctorReport:
             ("nftables (nft)", self.nft or "not found: bridge networks need it"),
             *((f"eBPF {c.name}", ("ok: " if c.ok else "FAILED: ") + c.detail) for c in e.checks),
             ("eBPF data path", "available" if e.ok else f"unavailable ({e.verdict})"),
+            ("eBPF data path in use", _in_use_text(self.ebpf_datapath, e)),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _in_use_text(datapath: dict[str, Any], probe_result: EbpfProbe) -> str:
+    counters = datapath.get("counters")
+    if counters is None:
+        why = "" if probe_result.ok else f": {probe_result.reason}"
+        return f"no (no pins at {datapath.get('pin_root')}){why}"
+    shown = ", ".join(f"{k} {v}" for k, v in counters.items())
+    return f"yes ({datapath.get('pin_root')}): {shown}"
+
+
+def _datapath(pin_root: str, notes: list[str]) -> dict[str, Any]:
+    try:
+        counters = pinned_counters(pin_root)
+    except Exception as exc:  # pins of another build, no privilege, ...
+        notes.append(f"eBPF pins at {pin_root} unreadable: {exc}")
+        counters = None
+    return {"pin_root": pin_root, "in_use": counters is not None, "counters": counters}
 
 
 def _caps() -> int:
@@ -80,7 +105,9 @@ def _probe_netns() -> str:
         return f"cannot create: {exc.strerror or exc}"
 
 
-def doctor(state_dir: str, run_dir: str, requested_fastpath: str) -> DoctorReport:
+def doctor(
+    state_dir: str, run_dir: str, requested_fastpath: str, bpf_pin_root: str | None = None
+) -> DoctorReport:
     caps = _caps()
     notes = []
     try:
@@ -102,4 +129,5 @@ def doctor(state_dir: str, run_dir: str, requested_fastpath: str) -> DoctorRepor
         nft=shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin"),
         ebpf=probe(),
         notes=notes,
+        ebpf_datapath=_datapath(bpf_pin_root or default_pin_root(state_dir), notes),
     )

@@ -97,12 +97,17 @@ class SandboxInfo:
     asks for the "eth" prefix (the lowest free index). A driver that creates the
     interface inside the sandbox may create it under that name directly and return it
     as `src_name`, which saves a rename; any other name is renamed as usual.
+
+    `interface` is the joining endpoint's interface as the controller allocated it
+    (addresses, MAC), for drivers that program the host with it at join (the bridge
+    driver's BPF redirect and routed datapath); None when the caller does not know it.
     """
 
     id: str
     key: str
     container_id: str
     ifname: str | None = None
+    interface: InterfaceInfo | None = None
 
 
 @dataclass(frozen=True)

@@ -229,3 +229,28 @@ __all__ = [
     "Unsupported",
     "VNIInUse",
 ]
+
+
+# --- the optional BPF data path (cnm.ebpf errors, mapped by osl.accel) ---------------------
+
+
+class EbpfUnavailable(Unavailable):
+    """The BPF data path was asked for (ebpf="on") but this host cannot run it; `reason`
+    says why (the probe's failed checks, or the load that failed). A verifier rejection
+    keeps the verifier's log in `verifier_log` (None otherwise)."""
+
+    def __init__(self, reason: str, *, verifier_log: str | None = None) -> None:
+        super().__init__(f"the eBPF data path is unavailable: {reason}")
+        self.reason = reason
+        self.verifier_log = verifier_log
+
+
+class EbpfVerifierRejected(EbpfUnavailable):
+    """The kernel's verifier refused one of cnm's BPF programs (`program`, `verifier_log`)."""
+
+    def __init__(self, program: str, reason: str, verifier_log: str) -> None:
+        super().__init__(reason, verifier_log=verifier_log)
+        self.program = program
+
+
+__all__ += ["EbpfUnavailable", "EbpfVerifierRejected"]

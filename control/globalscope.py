@@ -109,6 +109,9 @@ class GlobalScope:
         self.last_error: str | None = None
         self._dirty = threading.Event()
         self._stop = threading.Event()
+        # Networks this host withdrew (deleted, or a create rolled back): a watch event
+        # of their earlier publication, arriving late, must not mirror them back.
+        self._withdrawn: set[str] = set()
         self._thread: threading.Thread | None = None
 
     def attach(self) -> None:
@@ -167,6 +170,7 @@ class GlobalScope:
                     ]
             if busy:
                 raise errors.ActiveEndpoints(rec.name, [f"{o[:12]} (another host)" for o in busy])
+        self._withdrawn.add(rec.id)
         self.etcd.txn(
             [Compare(f"names/{rec.name}", "CREATE", 0, "NOT_EQUAL")],
             [
@@ -201,6 +205,8 @@ class GlobalScope:
         return self.ctl.store.network_by_id(rec.id) or rec
 
     def _mirror_add(self, rec: NetworkRecord) -> None:
+        if rec.id in self._withdrawn:
+            return
         store = self.ctl.store
         with self.ctl._lock:
             if store.network_by_id(rec.id) is not None:

@@ -179,6 +179,9 @@ class PoolData:
     gateway: str | None  # CIDR form, e.g. "10.20.0.1/24"
     ip_range: str | None
     aux_addresses: dict[str, str]  # name -> CIDR
+    # The IPAM address space the pool was requested in (an IPAM plugin's own name, e.g.
+    # "LocalDefault"); "" in records written before it was kept.
+    address_space: str = ""
 
 
 @dataclass(frozen=True)

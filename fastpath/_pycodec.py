@@ -13,11 +13,14 @@ anything that overruns its container raises DecodeError.
 
 from __future__ import annotations
 
+import functools
 import gc
 import struct
 from collections.abc import Sequence
 
 from .messages import (
+    AF_INET,
+    AF_INET6,
     BE16,
     BYTES,
     FLAG,
@@ -26,6 +29,9 @@ from .messages import (
     IFINFOMSG,
     IFLA_INFO_KIND,
     MAX_NESTING,
+    NDA_DST,
+    NDA_LLADDR,
+    NDMSG,
     NESTED,
     NLM_F_ACK_TLVS,
     NLM_F_CAPPED,
@@ -114,6 +120,76 @@ def encode(messages: Sequence[Message]) -> bytes:
     except (struct.error, TypeError, ValueError) as exc:
         raise EncodeError(f"cannot lay out message: {exc}") from None
     return bytes(out)
+
+
+# --- neighbour batches ------------------------------------------------------------------
+
+
+def _lladdr(mac: str | bytes) -> bytes:
+    if isinstance(mac, bytes):
+        return mac
+    try:
+        return bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    except (AttributeError, ValueError) as exc:
+        raise EncodeError(f"link-layer address {mac!r:.40}: {exc}") from None
+
+
+def encode_neighbours(
+    template: tuple[int, int, int, int, int, int, bool],
+    entries: Sequence[tuple[str | bytes | None, object]],
+    first_seq: int,
+    last_flags: int = 0,
+) -> bytes:
+    """Neighbour / FDB requests of one shape, one per entry, laid out exactly as
+    `encode` lays out the equivalent Messages (see rtnl.NeighBatch), without building
+    them. template = (type, flags, family (0: from each address), ifindex, state,
+    ndm_flags, lladdr first); entry k = (link-layer address or None, address: bytes or
+    anything with .packed), sequence number first_seq + k; the last one gets
+    `last_flags` too (e.g. NLM_F_ACK)."""
+    mtype, flags, family, index, state, ntf, lladdr_first = template
+    out = bytearray()
+    last = len(entries) - 1
+    shapes: dict[tuple[int, int | None], struct.Struct] = {}
+    try:
+        for k, (mac, addr) in enumerate(entries):
+            dst = addr if isinstance(addr, bytes) else addr.packed  # type: ignore[attr-defined]
+            fam = family or (AF_INET if len(dst) == 4 else AF_INET6)
+            seq_flags = flags | (last_flags if k == last else 0)
+            ll = None if mac is None else _lladdr(mac)
+            d_attr = (4 + len(dst), NDA_DST, dst)
+            if ll is None:
+                attrs: tuple = d_attr
+            elif lladdr_first:
+                attrs = (4 + len(ll), NDA_LLADDR, ll, *d_attr)
+            else:
+                attrs = (*d_attr, 4 + len(ll), NDA_LLADDR, ll)
+            key = (len(dst), None if ll is None else len(ll))
+            shape = shapes.get(key)
+            if shape is None:
+                shape = shapes[key] = _neigh_shape(bool(lladdr_first), *key)
+            out += shape.pack(
+                shape.size, mtype, seq_flags, first_seq + k, 0, fam, index, state, ntf, 0, *attrs
+            )
+    except EncodeError:
+        raise
+    except (struct.error, TypeError, ValueError, AttributeError) as exc:
+        raise EncodeError(f"cannot lay out neighbour request: {exc}") from None
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _neigh_shape(lladdr_first: bool, dst_len: int, ll_len: int | None) -> struct.Struct:
+    """One neighbour message laid out as a single struct: nlmsghdr, ndmsg, then each
+    attribute's header, value and padding (one pack per message)."""
+    if dst_len > 0xFFFF - 4 or (ll_len or 0) > 0xFFFF - 4:
+        raise EncodeError("a neighbour attribute is over 65535 bytes")
+    dst = f"HH{dst_len}s{-dst_len % 4}x"
+    if ll_len is None:
+        attrs = dst
+    else:
+        ll = f"HH{ll_len}s{-ll_len % 4}x"
+        attrs = ll + dst if lladdr_first else dst + ll
+    return struct.Struct("=" + NLMSGHDR + NDMSG + attrs)
 
 
 def _decode_attrs(data: bytes, off: int, end: int, policy_name: str, depth: int = 0) -> list[Attr]:

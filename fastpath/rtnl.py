@@ -10,6 +10,7 @@ Sequence numbers are filled in by the transport.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import messages as m
@@ -229,6 +230,27 @@ def link_set_by_name(
     return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(0, up), attrs)
 
 
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1  # inside IFLA_AF_SPEC / AF_INET: the device's IPv4 settings
+IPV4_DEVCONF_FORWARDING = 1
+IPV4_DEVCONF_PROXY_ARP = 3
+
+
+def link_inet_conf(name: str, conf: dict[int, int]) -> Message:
+    """Per-device IPv4 settings (net.ipv4.conf.<name>.*, by IPV4_DEVCONF_* id) of a link
+    found by its name, set through netlink (no /proc write, batchable)."""
+    inet = [Attr(key, m.U32, value) for key, value in sorted(conf.items())]
+    attrs = [
+        Attr(m.IFLA_IFNAME, m.STR, name),
+        Attr(
+            IFLA_AF_SPEC,
+            m.NESTED,
+            [Attr(m.AF_INET, m.NESTED, [Attr(IFLA_INET_CONF, m.NESTED, inet)])],
+        ),
+    ]
+    return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(), attrs)
+
+
 def link_del(index: int = 0, *, name: str | None = None) -> Message:
     attrs = [Attr(m.IFLA_IFNAME, m.STR, name)] if name is not None else []
     return Message(m.RTM_DELLINK, REQUEST, 0, 0, _ifinfo(index), attrs)
@@ -353,6 +375,66 @@ def fdb_del(
     if vni is not None:
         attrs.append(Attr(m.NDA_VNI, m.U32, vni))
     return Message(m.RTM_DELNEIGH, REQUEST, 0, 0, header, attrs)
+
+
+@dataclass(frozen=True)
+class NeighBatch:
+    """Many neighbour or FDB requests of one kind on one device, for large tables (e.g.
+    an overlay's remote peers): the codec lays them out in one pass (encode_neighbours)
+    without a Message per request; `message(k)` is request k as the builders above make
+    it (the same bytes), for error reports and tests.
+
+    kind: "fdb_add" / "fdb_del" (entries (MAC, VTEP)), "neigh_add" / "neigh_del"
+    (entries (MAC, IP); the MAC is not sent on a delete and may be None).
+    """
+
+    kind: str
+    index: int
+    entries: Sequence[tuple[str | None, IPAddress]]
+
+    def __post_init__(self) -> None:
+        if self.kind not in _NEIGH_TEMPLATES:
+            raise ValueError(f"NeighBatch kind must be one of {sorted(_NEIGH_TEMPLATES)}")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def template(self) -> tuple[int, int, int, int, int, int, bool]:
+        """(type, flags, family (0: each address's own), ifindex, state, ndm_flags,
+        link-layer address first) as the codec's encode_neighbours takes it."""
+        mtype, flags, family, state, ntf, lladdr_first = _NEIGH_TEMPLATES[self.kind]
+        return mtype, flags, family, self.index, state, ntf, lladdr_first
+
+    def wire_entries(self) -> Sequence[tuple[str | None, IPAddress]]:
+        """The entries as the codec takes them (no MAC on a neighbour delete)."""
+        if self.kind == "neigh_del":
+            return [(None, ip) for _, ip in self.entries]
+        return self.entries
+
+    def message(self, k: int) -> Message:
+        mac, addr = self.entries[k]
+        if self.kind == "fdb_add":
+            return fdb_add(self.index, str(mac), addr)
+        if self.kind == "fdb_del":
+            return fdb_del(self.index, str(mac), addr)
+        if self.kind == "neigh_add":
+            return neigh_add(self.index, addr, str(mac))
+        return neigh_del(self.index, addr)
+
+
+_NEIGH_TEMPLATES: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "fdb_add": (
+        m.RTM_NEWNEIGH,
+        REPLACE,
+        m.AF_BRIDGE,
+        m.NUD_PERMANENT | m.NUD_NOARP,
+        m.NTF_SELF,
+        True,
+    ),
+    "fdb_del": (m.RTM_DELNEIGH, REQUEST, m.AF_BRIDGE, 0, m.NTF_SELF, True),
+    "neigh_add": (m.RTM_NEWNEIGH, REPLACE, 0, m.NUD_PERMANENT, 0, False),
+    "neigh_del": (m.RTM_DELNEIGH, REQUEST, 0, 0, 0, False),
+}
 
 
 # --- dumps ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from types import ModuleType
 
 from . import codec as _select_codec
 from . import messages as m
-from . import netns
+from . import netns, rtnl
 from .messages import Message
 
 MAX_CHUNK_MESSAGES = 512
@@ -89,6 +89,19 @@ class BatchResult:
     def raise_first(self) -> None:
         if self.errors:
             raise self.errors[min(self.errors)]
+
+
+class _Requests(Sequence[Message]):
+    """The requests of a NeighBatch by batch-wide index, made only when one failed."""
+
+    def __init__(self, batch: rtnl.NeighBatch, offset: int) -> None:
+        self.batch, self.offset = batch, offset
+
+    def __len__(self) -> int:
+        return self.offset + len(self.batch)
+
+    def __getitem__(self, index: int) -> Message:  # type: ignore[override]
+        return self.batch.message(index - self.offset)
 
 
 _local = threading.local()
@@ -197,6 +210,38 @@ class NetlinkSocket:
                 self._sock.send(data)
                 self._collect(first, count, start, requests, result)
                 start += count
+        return result
+
+    def execute_neighbours(self, batches: Sequence[rtnl.NeighBatch]) -> BatchResult:
+        """Send neighbour / FDB batches in order, as `execute` sends Messages (same chunks,
+        same ACK on each chunk's last message, same error mapping), encoded in one pass
+        per chunk. Request indices run across the batches, in order."""
+        total = sum(len(b) for b in batches)
+        result = BatchResult(total)
+        if not total:
+            return result
+        with self._lock:
+            offset = 0
+            for batch in batches:
+                template = batch.template()
+                entries = batch.wire_entries()
+                view = _Requests(batch, offset)
+                start = 0
+                while start < len(entries):
+                    count = min(MAX_CHUNK_MESSAGES, len(entries) - start)
+                    while True:
+                        first = self._seq if self._seq + count < 0x7FFFFFFF else 1
+                        data = self.codec.encode_neighbours(
+                            template, entries[start : start + count], first, m.NLM_F_ACK
+                        )
+                        if len(data) <= MAX_CHUNK_BYTES or count == 1:
+                            break
+                        count = max(1, count // 2)
+                    self._seq = first + count
+                    self._sock.send(data)
+                    self._collect(first, count, offset + start, view, result)
+                    start += count
+                offset += len(entries)
         return result
 
     def _collect(

@@ -7,8 +7,10 @@ server on a unix socket (or TCP) that speaks spec/remote-protocol.md as a plugin
   throwaway namespace only): CreateNetwork makes a Linux bridge holding the gateway
   address, Join makes a veth pair on the host, puts one end on the bridge and returns
   the other as SrcName, Leave and DeleteNetwork delete them. All through `ip`.
-- IpamDriver: pools (reference-counted, ids `<address space>/<pool>`), addresses handed
-  out from the first free host address, the gateway first.
+- IpamDriver: pools (reference-counted, ids `<address space>/<pool>`, or
+  `<pool_prefix>/<pool>` when a prefix is given, as real IPAM plugins name them as they
+  like), addresses handed out from the first free host address, the gateway first.
+- GwAllocChecker when `skip_gateway` is set: GwAllocCheck answers it (SkipIPv4, SkipIPv6).
 - Switchable misbehaviours per method (`misbehave`): hang, close (crash), garbage,
   err (the error field set), 500, 404, and `change_address` (a CreateEndpoint reply
   that changes the address it was given, after the endpoint was made), `bad_join` (a
@@ -71,8 +73,12 @@ class PeerPlugin:
         scope: str = "local",
         connectivity_scope: str | None = None,
         fill_mac: bool = True,
+        pool_prefix: str | None = None,
+        skip_gateway: tuple[bool, bool] | None = None,
     ) -> None:
         self.kernel = kernel
+        self.pool_prefix = pool_prefix
+        self.skip_gateway = skip_gateway
         self.implements = list(implements)
         self.scope = scope
         self.connectivity_scope = connectivity_scope
@@ -185,7 +191,13 @@ class PeerPlugin:
         reply: dict[str, Any] = {"Scope": self.scope}
         if self.connectivity_scope is not None:
             reply["ConnectivityScope"] = self.connectivity_scope
+        if self.skip_gateway is not None:
+            reply["GwAllocChecker"] = True
         return reply
+
+    def do_NetworkDriver_GwAllocCheck(self, body: dict) -> dict:
+        skip4, skip6 = self.skip_gateway or (False, False)
+        return {"SkipIPv4": skip4, "SkipIPv6": skip6}
 
     def do_NetworkDriver_CreateNetwork(self, body: dict) -> dict:
         nid = body["NetworkID"]
@@ -312,7 +324,7 @@ class PeerPlugin:
 
     def do_IpamDriver_RequestPool(self, body: dict) -> dict:
         net = ipaddress.ip_network(body["Pool"] or DEFAULT_POOL)
-        pid = f"{body['AddressSpace']}/{net}"
+        pid = f"{self.pool_prefix or body['AddressSpace']}/{net}"
         with self.lock:
             if pid in self.pools:
                 self.pools[pid].refs += 1

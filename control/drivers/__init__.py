@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from .. import errors
 from ..driverapi import Driver
+from ..osl.accel import Accelerator
 from ..osl.firewall import Firewall
 from ..osl.links import HostLinks
 from ..types import validate_name
@@ -56,14 +57,17 @@ class DriverRegistry:
             return list(self._drivers)
 
 
-def builtin_registry(links: HostLinks, firewall: Firewall) -> DriverRegistry:
-    """The drivers built in: null and bridge (which works through osl's links/firewall)."""
+def builtin_registry(
+    links: HostLinks, firewall: Firewall, accel: Accelerator | None = None
+) -> DriverRegistry:
+    """The drivers built in: null and bridge (which works through osl's links/firewall
+    and, when given, the BPF data path of osl.accel)."""
     from .bridge import BridgeDriver
     from .null import NullDriver
 
     registry = DriverRegistry()
     registry.register(NullDriver())
-    registry.register(BridgeDriver(links, firewall))
+    registry.register(BridgeDriver(links, firewall, accel))
     # "overlay" is registered by the global scope (a controller with store="etcd://...").
     registry.add_resolver(_overlay_needs_global_store)
     return registry

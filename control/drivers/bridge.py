@@ -5,12 +5,32 @@ veth pair (the container end created directly inside the sandbox, the host end o
 bridge with hairpin on, isolated from the other ports when ICC is off), the network's
 firewall rules (through osl.firewall), and the deferred deletion of host ends on leave.
 All kernel work goes through osl; nothing here speaks netlink.
+
+BPF redirect (osl.accel, when the controller's data path is "on"): at join each
+container is entered in the redirect program's map (IPv4 address, host end, MAC, network,
+ICC) and the program attached to its host end, so traffic between containers of one
+network skips the bridge; what the policy forbids (ICC off, other networks) is left to
+the kernel path and blocked there as before. A leave removes the entries (the device,
+and with it the attachment, goes with the graveyard). The container's address and MAC
+come from `SandboxInfo.interface` (or what create_endpoint saw, for join_on_host).
+
+Routed datapath (`com.cnm.bridge.datapath=routed`, IPv4 only): past a bridge's 1024 ports.
+The container ends are not bridge ports: each host end gets forwarding and proxy ARP on
+and a host route `<container ip>/32 dev <host end>`; the network's bridge device stays,
+portless, as the holder of the gateway address (answered by ARP on every host end since
+it is local). The sandbox gets the subnet's two halves as routes via the gateway, so
+containers reach each other through the host (never by ARP for each other) and, with
+the data path on, through the BPF redirect. The host ends carry the network's
+interface group: the firewall's isolation, ICC and masquerade rules match that group
+(one nft transaction per network, none per join). No port limit applies.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,17 +44,22 @@ from ..driverapi import (
     JoinInfo,
     NetworkInfo,
     SandboxInfo,
+    StaticRoute,
     option,
 )
+from ..osl.accel import AccelEndpoint, Accelerator
 from ..osl.firewall import Firewall, NetworkRules
-from ..osl.links import HostLinks, VethIntoSandbox
+from ..osl.links import GRAVEYARD_GROUP, HostLinks, VethIntoSandbox
 from ..types import Repair
+
+_log = logging.getLogger(__name__)
 
 MAX_PORTS = 1024  # a Linux bridge refuses its 1025th port (BR_MAX_PORTS)
 _IFNAME_RE = re.compile(r"[^\s/:]{1,15}\Z")
 HOST_PREFIX = "vc"
 PEER_PREFIX = "cnm"
 HOST_NETNS = "/proc/self/ns/net"  # join_on_host: the container end stays here
+DATAPATHS = ("bridge", "routed")
 
 
 @dataclass(frozen=True)
@@ -44,8 +69,18 @@ class BridgeOptions(DriverOptions):
     enable_ip_masquerade: bool = option("com.docker.network.bridge.enable_ip_masquerade", True)
     host_binding_ipv4: str | None = option("com.docker.network.bridge.host_binding_ipv4")
     mtu: int | None = option("com.docker.network.driver.mtu")
+    datapath: str = option(
+        "com.cnm.bridge.datapath",
+        "bridge",
+        doc="bridge: containers are ports of the network's bridge (at most 1024); "
+        "routed: host routes and proxy ARP per container, no port limit (IPv4 only)",
+    )
 
     def check(self) -> None:
+        if self.datapath not in DATAPATHS:
+            raise errors.InvalidParameter(
+                f"option 'com.cnm.bridge.datapath': {self.datapath!r} is not one of {DATAPATHS}"
+            )
         if self.bridge_name is not None and not _IFNAME_RE.match(self.bridge_name):
             raise errors.InvalidParameter(
                 f"option 'com.docker.network.bridge.name': {self.bridge_name!r} is not a "
@@ -77,12 +112,32 @@ def peer_name(endpoint_id: str) -> str:
     return f"{PEER_PREFIX}{endpoint_id[:12]}"
 
 
+def routed_group(network_id: str) -> int:
+    """The interface group of a routed network's host ends (top bit set: never 0 nor
+    the graveyard group)."""
+    digest = hashlib.blake2s(f"cnm-group:{network_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") | 0x80000000
+
+
+def _halves(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
+    """The subnet as two routes one bit longer (more specific than the connected route)."""
+    return tuple(subnet.subnets(prefixlen_diff=1))
+
+
 @dataclass
 class _Net:
     info: NetworkInfo
     options: BridgeOptions
     bridge: str
     index: int | None = None
+
+    @property
+    def routed(self) -> bool:
+        return self.options.datapath == "routed"
+
+    @property
+    def group(self) -> int | None:
+        return routed_group(self.info.id) if self.routed else None
 
     @property
     def gateway4(self) -> ipaddress.IPv4Address | None:
@@ -105,10 +160,22 @@ class BridgeDriver:
     options_type = BridgeOptions
     max_ports = MAX_PORTS
 
-    def __init__(self, links: HostLinks, firewall: Firewall) -> None:
+    def __init__(
+        self, links: HostLinks, firewall: Firewall, accel: Accelerator | None = None
+    ) -> None:
         self.links = links
         self.firewall = firewall
+        self.accel = accel or Accelerator("off")
         self._nets: dict[str, _Net] = {}
+        # endpoint id -> its interface (from create_endpoint or join), and the address
+        # entered in the BPF map at join (removed at leave)
+        self._ifaces: dict[str, InterfaceInfo] = {}
+        self._bpf: dict[str, ipaddress.IPv4Address] = {}
+
+    def port_limit(self, network_id: str) -> int | None:
+        """The join limit of one network: a bridge's 1024 ports, none when routed."""
+        net = self._nets.get(network_id)
+        return None if net is not None and net.routed else self.max_ports
 
     # --- networks -------------------------------------------------------------------
 
@@ -138,11 +205,36 @@ class BridgeDriver:
             internal=net.info.internal,
             masquerade=net.options.enable_ip_masquerade and not net.info.internal,
             snat_to=net.options.host_binding_ipv4,
+            group=net.group,
+            icc=net.options.enable_icc,
         )
+
+    def _check_routed(self, net: _Net) -> None:
+        if net.info.ipv6 or net.info.enable_ipv6:
+            raise errors.InvalidParameter(
+                "option 'com.cnm.bridge.datapath': routed networks are IPv4 only"
+            )
+        for p in net.info.ipv4:
+            if ipaddress.ip_network(p.subnet).prefixlen > 30:
+                raise errors.InvalidParameter(
+                    f"option 'com.cnm.bridge.datapath': subnet {p.subnet} is too small to route"
+                )
+        for other in self._nets.values():
+            if other is not net and other.routed and other.group == net.group:
+                raise errors.Conflict(
+                    f"routed networks {other.info.name!r} and {net.info.name!r} hash to the "
+                    "same interface group"
+                )
 
     def create_network(self, network: NetworkInfo) -> None:
         self.restore_network(network)
         net = self._nets[network.id]
+        if net.routed:
+            try:
+                self._check_routed(net)
+            except BaseException:
+                self._nets.pop(network.id, None)
+                raise
         gateways = [
             ipaddress.ip_interface(p.gateway) for p in (*network.ipv4, *network.ipv6) if p.gateway
         ]
@@ -164,14 +256,22 @@ class BridgeDriver:
         self.firewall.remove_network(network_id)
         if net is not None:
             self.links.delete(net.bridge)
+        if not self._nets and self.accel.in_use:
+            self.accel.release_if_idle()
 
     # --- endpoints ------------------------------------------------------------------
 
     def create_endpoint(self, endpoint: EndpointInfo) -> InterfaceInfo | None:
-        self._net(endpoint.network_id)
+        net = self._net(endpoint.network_id)
+        if net.routed and endpoint.interface.ipv4_address is None:
+            raise errors.InvalidParameter(
+                f"endpoint {endpoint.name!r}: a routed network's endpoint needs an IPv4 address"
+            )
+        self._ifaces[endpoint.id] = endpoint.interface
         return None
 
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+        self._ifaces.pop(endpoint_id, None)
         return None
 
     def join(self, network_id: str, endpoint_id: str, sandbox: SandboxInfo) -> JoinInfo:
@@ -183,21 +283,25 @@ class BridgeDriver:
     def join_many(
         self, items: Sequence[tuple[str, str, SandboxInfo]]
     ) -> list[JoinInfo | errors.CNMError]:
-        """Every join's veth pair in one host batch."""
+        """Every join's veth pair in one host batch; then, for routed networks and the BPF
+        redirect, one look-up per host end, one batch of host routes and one map update
+        (no per-join process or namespace hop)."""
         nets = [self._net(nid) for nid, _, _ in items]
         specs = [
             VethIntoSandbox(
                 host_name=host_name(eid),
                 sandbox_key=sb.key,
                 peer_name=sb.ifname or peer_name(eid),
-                master=net.index or 0,
+                master=0 if net.routed else net.index or 0,
                 mtu=net.options.mtu,
-                hairpin=True,
-                isolated=not net.options.enable_icc,
+                hairpin=not net.routed,
+                isolated=not net.routed and not net.options.enable_icc,
+                group=net.group,
+                routed=net.routed,
             )
             for net, (_, eid, sb) in zip(nets, items, strict=True)
         ]
-        outcomes = self.links.veths(specs)
+        outcomes: list[errors.CNMError | None] = self.links.veths(specs)
         if any(isinstance(o, errors.KernelError) and o.errno == errno.EEXIST for o in outcomes):
             # A host end of an earlier join of the same endpoint may still be waiting in
             # the graveyard: delete the graveyard now and try those again.
@@ -205,11 +309,19 @@ class BridgeDriver:
             retry = [i for i, o in enumerate(outcomes) if o is not None]
             for i, o in zip(retry, self.links.veths([specs[i] for i in retry]), strict=True):
                 outcomes[i] = o
+        self._program_host(items, nets, specs, outcomes)
         out: list[JoinInfo | errors.CNMError] = []
         for net, spec, outcome in zip(nets, specs, outcomes, strict=True):
             if outcome is not None:
                 out.append(outcome)
                 continue
+            routes: tuple[StaticRoute, ...] = ()
+            if net.routed and net.gateway4 is not None:
+                routes = tuple(
+                    StaticRoute(str(half), 0, net.gateway4)
+                    for p in net.info.ipv4
+                    for half in _halves(ipaddress.IPv4Network(p.subnet))
+                )
             out.append(
                 JoinInfo(
                     src_name=spec.peer_name,
@@ -217,9 +329,78 @@ class BridgeDriver:
                     dst_prefix="eth",
                     gateway=None if net.info.internal else net.gateway4,
                     gateway_ipv6=None if net.info.internal else net.gateway6,
+                    static_routes=routes,
                 )
             )
         return out
+
+    def _interface(self, endpoint_id: str, sandbox: SandboxInfo) -> InterfaceInfo | None:
+        iface = sandbox.interface or self._ifaces.get(endpoint_id)
+        if sandbox.interface is not None:
+            self._ifaces[endpoint_id] = sandbox.interface
+        return iface
+
+    def _program_host(
+        self,
+        items: Sequence[tuple[str, str, SandboxInfo]],
+        nets: list[_Net],
+        specs: list[VethIntoSandbox],
+        outcomes: list[errors.CNMError | None],
+    ) -> None:
+        """Host routes of routed joins and BPF entries + attachments of every join whose
+        veth was made; a join that fails here loses its veth and gets its error."""
+        accel = self.accel.active
+        todo: list[tuple[int, InterfaceInfo | None]] = []
+        for i, ((_, eid, sb), net) in enumerate(zip(items, nets, strict=True)):
+            if outcomes[i] is None and (net.routed or accel):
+                todo.append((i, self._interface(eid, sb)))
+        if not todo:
+            return
+        indexes = self.links.indexes([specs[i].host_name for i, _ in todo])
+        routes: list[tuple[int, ipaddress.IPv4Address, int]] = []
+        bpf: list[tuple[int, AccelEndpoint]] = []
+        for (i, iface), index in zip(todo, indexes, strict=True):
+            net = nets[i]
+            addr = iface.ipv4_address if iface is not None else None
+            if index is None:
+                outcomes[i] = errors.KernelError(
+                    errno.ENODEV, f"{specs[i].host_name} vanished", operation="join"
+                )
+                continue
+            if net.routed:
+                if addr is None:
+                    outcomes[i] = errors.InvalidParameter(
+                        f"join to routed network {net.info.name!r} without an IPv4 address"
+                    )
+                    continue
+                routes.append((i, ipaddress.IPv4Interface(addr).ip, index))
+            if accel and addr is not None and iface is not None and iface.mac_address:
+                ep = AccelEndpoint(
+                    ipaddress.IPv4Interface(addr).ip,
+                    index,
+                    iface.mac_address,
+                    net.info.id,
+                    net.options.enable_icc,
+                )
+                bpf.append((i, ep))
+        if routes:
+            for (i, _, _), err in zip(
+                routes, self.links.host_routes([(a, x) for _, a, x in routes]), strict=True
+            ):
+                if err is not None:
+                    outcomes[i] = err
+        bpf = [(i, ep) for i, ep in bpf if outcomes[i] is None]
+        for (i, ep), err in zip(bpf, self.accel.add([ep for _, ep in bpf]), strict=True):
+            if err is not None:
+                outcomes[i] = err
+            else:
+                self._bpf[items[i][1]] = ep.address
+        failed = [i for i, _ in todo if outcomes[i] is not None]
+        for i in failed:
+            added = self._bpf.pop(items[i][1], None)
+            if added is not None:
+                self.accel.remove([added])
+            self.links.delete(specs[i].host_name)
 
     def join_on_host(self, network_id: str, endpoint_id: str) -> JoinInfo:
         """A join for an engine that moves the interface into its own sandbox itself (the
@@ -240,7 +421,22 @@ class BridgeDriver:
         self.leave_many([(network_id, endpoint_id)])
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None:
-        self.links.retire([host_name(eid) for _, eid in items])
+        names = [host_name(eid) for _, eid in items]
+        if self.accel.in_use:
+            # The map entry is what matters (the attachment goes with the device): by the
+            # address the join entered, else (a join by another process) by host end.
+            known: list[ipaddress.IPv4Address] = []
+            unknown: list[str] = []
+            for (_, eid), name in zip(items, names, strict=True):
+                addr = self._bpf.pop(eid, None)
+                if addr is not None:
+                    known.append(addr)
+                else:
+                    unknown.append(name)
+            self.accel.remove(known)
+            if unknown:
+                self.accel.remove_ifindexes(i for i in self.links.indexes(unknown) if i)
+        self.links.retire(names)
 
     # --- repair ---------------------------------------------------------------------
 
@@ -268,6 +464,7 @@ class BridgeDriver:
                 repairs.append(Repair(kind, link.name))
         if self.links.pending:
             self.links.reap()
+        repairs += self._reconcile_bpf(endpoints, links)
         for n in networks:
             if n.id in self._nets and self.links.index(self._nets[n.id].bridge) is None:
                 net = self._nets[n.id]
@@ -282,3 +479,21 @@ class BridgeDriver:
                 self.firewall.add_network(self._rules(net))
                 repairs.append(Repair("bridge_recreated", net.bridge, f"network {n.name}"))
         return repairs
+
+    def _reconcile_bpf(self, endpoints: list, links: list) -> list[Repair]:
+        """BPF map entries whose endpoint is no longer joined here (or whose host end is
+        another device now) are removed, with their attachment when the device lives."""
+        if not self.accel.active:
+            return []
+        index = {link.name: link.index for link in links if link.group != GRAVEYARD_GROUP}
+        keep: dict[ipaddress.IPv4Address, int] = {}
+        for e in endpoints:
+            if e.join_state == "joined" and e.ipv4_address and host_name(e.id) in index:
+                keep[ipaddress.IPv4Interface(e.ipv4_address).ip] = index[host_name(e.id)]
+        removed = self.accel.prune(keep)
+        for ep in removed:
+            self._bpf = {k: v for k, v in self._bpf.items() if v != ep.address}
+        return [
+            Repair("bpf_endpoint_removed", str(ep.address), f"host ifindex {ep.ifindex}")
+            for ep in removed
+        ]

@@ -7,7 +7,8 @@ its first local join through osl.overlay: a namespace with bridge + gateway and 
 device, MTU = underlay MTU - 50), each join's veth pair, and the remote peers this host
 must know: the desired set is fed by the global scope (peer records in etcd), programmed
 in batches, and compared with the kernel's FDB and neighbour tables to repair drift.
-All kernel work goes through osl; nothing here speaks netlink.
+Overlay networks are IPv4 only (peer records carry one IPv4 address): enable_ipv6 is
+refused with Unsupported. All kernel work goes through osl; nothing here speaks netlink.
 """
 
 from __future__ import annotations
@@ -138,7 +139,14 @@ class OverlayDriver:
 
     def create_network(self, network: NetworkInfo) -> None:
         """Claim the network's VNI in the global store; the kernel side is made on the
-        first join on each host."""
+        first join on each host. IPv4 only: peer records and the VXLAN neighbour tables
+        carry no IPv6 addresses, so enable_ipv6 is refused (Unsupported) before anything
+        is claimed."""
+        if network.enable_ipv6 or network.ipv6:
+            raise errors.Unsupported(
+                f"overlay network {network.name!r}: IPv6 is not supported on overlay "
+                "networks (IPv4 only); create it without enable_ipv6"
+            )
         self.restore_network(network)
         opts = network.options
         assert isinstance(opts, OverlayOptions)

@@ -8,7 +8,19 @@ deleted at the plugin before the error is raised. A Join reply that cannot be us
 refused and the join undone with Leave. The interface a Join names (`SrcName`) is made
 by the plugin on the host; the controller moves it into the sandbox, renames it
 `DstPrefix` + index and applies addresses, gateway and routes. The plugin's own
-options pass through untouched under `com.docker.network.generic`.
+options pass through untouched under `com.docker.network.generic`. A plugin that
+declares GwAllocChecker is asked GwAllocCheck before a network's addresses are
+requested (`skip_gateway_allocation`), with the same Options as CreateNetwork.
+
+Known limit, shared with the engine: a Join that fails at the transport (no reply
+within the timeout, connection closed, a non-200 status, an error reply) is not
+followed by a Leave. Only a Join the plugin answered with a usable reply counts as
+made; a Leave then undoes it if a later step fails. A plugin that made its interface
+and then hung or crashed keeps it: libnetwork's remote driver also returns the Join
+error without a Leave, so a plugin must clean up a half-made join itself (typically
+on its own restart, or when DeleteEndpoint comes). Likewise a failed CreateNetwork
+gets no DeleteNetwork. (A failed CreateEndpoint does get a DeleteEndpoint: the
+controller's rollback deletes every endpoint of the batch, the failed one included.)
 """
 
 from __future__ import annotations
@@ -65,11 +77,15 @@ class RemoteOptions(DriverOptions):
 
 
 def _ipam_data(pools: tuple[PoolData, ...]) -> list[dict[str, Any]]:
-    """IPAMData of each pool; empty keys are left out, as the engine does."""
+    """IPAMData of each pool; empty keys are left out, as the engine does.
+
+    The address space is the one the pool was requested in: a pool id is the IPAM's
+    own opaque string ("fk/10.97.0.0/24" in space "fklocal"), nothing to parse.
+    """
     out = []
     for p in pools:
-        # The address space is the pool id's first part ("LocalDefault/10.0.0.0/24").
-        data: dict[str, Any] = {"AddressSpace": p.pool_id.split("/", 1)[0], "Pool": p.subnet}
+        data: dict[str, Any] = {"AddressSpace": p.address_space} if p.address_space else {}
+        data["Pool"] = p.subnet
         if p.gateway:
             data["Gateway"] = p.gateway
         if p.aux_addresses:
@@ -127,19 +143,44 @@ class RemoteDriver:
 
     # --- networks -------------------------------------------------------------------
 
+    @staticmethod
+    def _network_options(
+        options: DriverOptions, enable_ipv6: bool, internal: bool
+    ) -> dict[str, Any]:
+        """A network's `Options` as GwAllocCheck and CreateNetwork carry them."""
+        generic = dict(options.values) if isinstance(options, RemoteOptions) else {}
+        return {
+            GENERIC: generic,
+            ENABLE_IPV4: True,
+            ENABLE_IPV6: enable_ipv6,
+            INTERNAL: internal,
+        }
+
+    def skip_gateway_allocation(
+        self, options: DriverOptions, *, enable_ipv6: bool, internal: bool
+    ) -> tuple[bool, bool]:
+        """GwAllocCheck, asked before any address is requested for a new network: may
+        the IPv4 / IPv6 gateway address be left unallocated? Only a plugin that said
+        GwAllocChecker is asked; for the others the answer is no (the engine's rule).
+        The controller still takes a gateway the user chose, or the IPAM's pool data gave."""
+        if not self.gw_alloc_checker:
+            return False, False
+        reply = self._call(
+            "GwAllocCheck", {"Options": self._network_options(options, enable_ipv6, internal)}
+        )
+        skip4, skip6 = reply.get("SkipIPv4", False), reply.get("SkipIPv6", False)
+        if not isinstance(skip4, bool) or not isinstance(skip6, bool):
+            raise self._fail("GwAllocCheck", f"SkipIPv4 and SkipIPv6 must be bools: {reply!r}")
+        return skip4, skip6
+
     def create_network(self, network: NetworkInfo) -> None:
-        opts = network.options
-        generic = dict(opts.values) if isinstance(opts, RemoteOptions) else {}
         self._call(
             "CreateNetwork",
             {
                 "NetworkID": network.id,
-                "Options": {
-                    GENERIC: generic,
-                    ENABLE_IPV4: True,
-                    ENABLE_IPV6: network.enable_ipv6,
-                    INTERNAL: network.internal,
-                },
+                "Options": self._network_options(
+                    network.options, network.enable_ipv6, network.internal
+                ),
                 "IPv4Data": _ipam_data(network.ipv4),
                 "IPv6Data": _ipam_data(network.ipv6),
             },

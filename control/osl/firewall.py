@@ -10,6 +10,16 @@ elements:
 - postrouting (nat): `iifname vmap @nat` masquerades (or SNATs to host_binding_ipv4) the
   network's IPv4 subnets when they leave the bridge.
 
+Routed networks (the bridge driver's `com.cnm.bridge.datapath=routed`) have no bridge
+port to key on: each container's host end is its own interface. Their host ends carry
+the network's interface group instead (set in the same netlink message that makes the
+veth, and dropped when a leave moves the device to the graveyard group), so the same
+dispatch works on `iifgroup` / `oifgroup`: the `gfwd`, `gfwd_in` and `gnat` maps and the
+`groups` set mirror `fwd`, `fwd_in`, `nat` and `bridges`. A join or leave never touches
+nft; a routed network with ICC off drops forwarding from its group to its group (the
+host routes between its containers), and every network drops traffic into another
+network's bridge or group.
+
 The rules are fed to `nft -j -f -` as one JSON document per network create or delete:
 nft's JSON input is nftables' own stable machine interface, needs no binding to keep in
 step with the kernel, and applies the whole document as one transaction. It runs at
@@ -40,6 +50,8 @@ class NetworkRules:
     internal: bool
     masquerade: bool
     snat_to: str | None = None
+    group: int | None = None  # a routed network: its host ends' interface group
+    icc: bool = True  # routed networks only (a bridge isolates its ports itself)
 
 
 def _obj(kind: str, **fields: Any) -> dict[str, Any]:
@@ -68,6 +80,10 @@ def _base() -> list[dict[str, Any]]:
         {"add": _obj("map", name="fwd", type="ifname", map="verdict")},
         {"add": _obj("map", name="fwd_in", type="ifname", map="verdict")},
         {"add": _obj("map", name="nat", type="ifname", map="verdict")},
+        {"add": _obj("set", name="groups", type="devgroup")},
+        {"add": _obj("map", name="gfwd", type="devgroup", map="verdict")},
+        {"add": _obj("map", name="gfwd_in", type="devgroup", map="verdict")},
+        {"add": _obj("map", name="gnat", type="devgroup", map="verdict")},
         {
             "add": _obj(
                 "chain", name="forward", type="filter", hook="forward", prio=0, policy="accept"
@@ -104,7 +120,86 @@ def _base() -> list[dict[str, Any]]:
                 expr=[{"vmap": {"key": _meta("iifname"), "data": "@nat"}}],
             )
         },
+        *(
+            {"add": _obj("rule", chain=chain, expr=[{"vmap": {"key": _meta(key), "data": data}}])}
+            for chain, key, data in (
+                ("forward", "iifgroup", "@gfwd"),
+                ("forward", "oifgroup", "@gfwd_in"),
+                ("postrouting", "iifgroup", "@gnat"),
+            )
+        ),
     ]
+
+
+def _routed(rules: NetworkRules) -> list[dict[str, Any]]:
+    """A routed network's chains, keyed on its interface group (see the module doc)."""
+    assert rules.group is not None
+    chains = _chains(rules.network_id)
+    g = rules.group
+    own = _match(_meta("oifgroup"), g)
+    not_own = _match(_meta("oifgroup"), g, "!=")
+    fwd: list[list[dict[str, Any]]] = []
+    if rules.internal:
+        fwd.append([not_own, {"drop": None}])
+    else:
+        fwd.append([_match(_meta("oifname"), "@bridges"), {"drop": None}])
+        fwd.append([not_own, _match(_meta("oifgroup"), "@groups"), {"drop": None}])
+    if not rules.icc:
+        fwd.append([own, {"drop": None}])
+    cmds: list[dict[str, Any]] = [
+        {"add": _obj("chain", name=chains["fwd"])},
+        {"flush": _obj("chain", name=chains["fwd"])},
+        {"add": _obj("element", name="groups", elem=[g])},
+        *({"add": _obj("rule", chain=chains["fwd"], expr=expr)} for expr in fwd),
+        {"add": _obj("element", name="gfwd", elem=[[g, {"jump": {"target": chains["fwd"]}}]])},
+    ]
+    if rules.internal:
+        cmds += [
+            {"add": _obj("chain", name=chains["fwd_in"])},
+            {"flush": _obj("chain", name=chains["fwd_in"])},
+            {
+                "add": _obj(
+                    "rule",
+                    chain=chains["fwd_in"],
+                    expr=[_match(_meta("iifgroup"), g, "!="), {"drop": None}],
+                )
+            },
+            {
+                "add": _obj(
+                    "element", name="gfwd_in", elem=[[g, {"jump": {"target": chains["fwd_in"]}}]]
+                )
+            },
+        ]
+    v4 = [s for s in rules.subnets if s.version == 4]
+    if rules.masquerade and v4:
+        action: dict[str, Any] = (
+            {"snat": {"family": "ip", "addr": rules.snat_to}}
+            if rules.snat_to
+            else {"masquerade": None}
+        )
+        cmds += [
+            {"add": _obj("chain", name=chains["nat"])},
+            {"flush": _obj("chain", name=chains["nat"])},
+        ]
+        for subnet in v4:
+            prefix = {"prefix": {"addr": str(subnet.network_address), "len": subnet.prefixlen}}
+            cmds.append(
+                {
+                    "add": _obj(
+                        "rule",
+                        chain=chains["nat"],
+                        expr=[
+                            not_own,
+                            _match({"payload": {"protocol": "ip", "field": "saddr"}}, prefix),
+                            action,
+                        ],
+                    )
+                }
+            )
+        cmds.append(
+            {"add": _obj("element", name="gnat", elem=[[g, {"jump": {"target": chains["nat"]}}]])}
+        )
+    return cmds
 
 
 def _network(rules: NetworkRules) -> list[dict[str, Any]]:
@@ -150,6 +245,15 @@ def _network(rules: NetworkRules) -> list[dict[str, Any]]:
                         _match(_meta("oifname"), "@bridges"),
                         {"drop": None},
                     ],
+                )
+            }
+        )
+        cmds.append(
+            {
+                "add": _obj(
+                    "rule",
+                    chain=chains["fwd"],
+                    expr=[_match(_meta("oifgroup"), "@groups"), {"drop": None}],
                 )
             }
         )
@@ -233,7 +337,8 @@ class Firewall:
         return json.loads(proc.stdout)
 
     def add_network(self, rules: NetworkRules) -> None:
-        self._apply(_base() + _network(rules), f"add firewall rules of {rules.bridge}")
+        body = _routed(rules) if rules.group is not None else _network(rules)
+        self._apply(_base() + body, f"add firewall rules of {rules.bridge}")
 
     def remove_network(self, network_id: str) -> None:
         """Remove a network's chains and map elements (what exists of them) atomically."""
@@ -243,16 +348,22 @@ class Firewall:
         jumps = {v: k for k, v in chains.items()}
         cmds: list[dict[str, Any]] = []
         bridge = None
+        group = None
         for item in existing:
             m = item.get("map")
             for elem in (m or {}).get("elem", []) if m else []:
                 key, verdict = elem
                 target = (verdict.get("jump") or {}).get("target")
                 if target in jumps:
-                    bridge = key
+                    if m["name"].startswith("g"):
+                        group = key
+                    else:
+                        bridge = key
                     cmds.append({"delete": _obj("element", name=m["name"], elem=[key])})
         if bridge is not None:
             cmds.append({"delete": _obj("element", name="bridges", elem=[bridge])})
+        if group is not None:
+            cmds.append({"delete": _obj("element", name="groups", elem=[group])})
         for chain in chains.values():
             if chain in names:
                 cmds += [
@@ -261,9 +372,10 @@ class Firewall:
                 ]
         members: list[Any] = []
         for item in existing:
-            if item.get("set", {}).get("name") == "bridges":
-                members = item["set"].get("elem", [])
-        if existing and (not members or members == [bridge]):
+            if item.get("set", {}).get("name") in ("bridges", "groups"):
+                members += item["set"].get("elem", [])
+        mine = [k for k in (bridge, group) if k is not None]
+        if existing and (not members or sorted(members, key=str) == sorted(mine, key=str)):
             # The last network: the whole table goes, leaving nothing of cnm behind.
             cmds = [{"delete": {"table": {"family": FAMILY, "name": TABLE}}}]
         if cmds:

@@ -27,6 +27,7 @@ from .namespace import kernel_error
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 GRAVEYARD_GROUP = 0x636E6D01  # "cnm" + 1: host ends waiting for their batched deletion
+ROUTED_INET_CONF = {rtnl.IPV4_DEVCONF_FORWARDING: 1, rtnl.IPV4_DEVCONF_PROXY_ARP: 1}
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class VethIntoSandbox:
     mtu: int | None = None
     hairpin: bool = False
     isolated: bool = False
+    group: int | None = None  # the host end's interface group (routed networks' firewall key)
+    routed: bool = False  # host end not on a bridge: forwarding and proxy ARP on (see veths)
 
 
 class HostLinks:
@@ -118,13 +121,19 @@ class HostLinks:
                         name=it.host_name,
                         peer_name=it.peer_name,
                         peer_netns_fd=fd,
-                        master=it.master,
+                        master=it.master or None,
                         mtu=it.mtu,
+                        group=it.group,
                         up=True,
                     )
                 )
             )
             owner.append(i)
+            if it.routed:
+                # A routed host end forwards what its container sends and answers ARP
+                # for the addresses routed elsewhere (proxy ARP): set in the same batch.
+                reqs.append(rtnl.link_inet_conf(it.host_name, ROUTED_INET_CONF))
+                owner.append(i)
             if it.hairpin or it.isolated:
                 reqs.append(
                     rtnl.bridge_port(
@@ -146,6 +155,24 @@ class HostLinks:
         for i, err in enumerate(out):
             if err is not None:
                 self.delete(items[i].host_name)
+        return out
+
+    def indexes(self, names: Sequence[str]) -> list[int | None]:
+        """Each link's index (None when it does not exist)."""
+        return [self.index(n) for n in names]
+
+    def host_routes(
+        self, routes: Sequence[tuple[ipaddress.IPv4Address, int]]
+    ) -> list[errors.CNMError | None]:
+        """`<address>/32 dev <index>` routes (a routed container behind its host end), in
+        one batch. Per item None or its error. They go with their device."""
+        reqs = [
+            rtnl.route_add(ipaddress.ip_network(f"{addr}/32"), oif=index) for addr, index in routes
+        ]
+        result = self.sock.execute(reqs)
+        out: list[errors.CNMError | None] = [None] * len(routes)
+        for k, exc in result.errors.items():
+            out[k] = kernel_error(exc, f"route {routes[k][0]}/32")
         return out
 
     def retire(self, names: Sequence[str]) -> None:

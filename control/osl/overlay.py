@@ -258,19 +258,22 @@ class OverlayLinks:
         Returns how many requests the kernel applied; a removal of an entry that is
         already gone is not an error, a failed addition is raised.
         """
-        reqs = [rtnl.fdb_del(dev.vxlan, mac, vtep) for mac, vtep in changes.fdb_del]
-        reqs += [rtnl.neigh_del(dev.vxlan, ip) for ip in changes.neigh_del]
-        n_remove = len(reqs)
-        reqs += [rtnl.fdb_add(dev.vxlan, mac, vtep) for mac, vtep in changes.fdb_add]
-        reqs += [rtnl.neigh_add(dev.vxlan, ip, mac) for ip, mac in changes.neigh_add]
-        if not reqs:
+        vx = dev.vxlan
+        batches = [
+            rtnl.NeighBatch("fdb_del", vx, changes.fdb_del),
+            rtnl.NeighBatch("neigh_del", vx, [(None, ip) for ip in changes.neigh_del]),
+            rtnl.NeighBatch("fdb_add", vx, changes.fdb_add),
+            rtnl.NeighBatch("neigh_add", vx, [(mac, ip) for ip, mac in changes.neigh_add]),
+        ]
+        n_remove = len(changes.fdb_del) + len(changes.neigh_del)
+        if not len(changes):
             return 0
-        result = self._sock(dev.key).execute(reqs)
+        result = self._sock(dev.key).execute_neighbours([b for b in batches if len(b)])
         failed = {k: e for k, e in result.errors.items() if k >= n_remove}
         if failed:
             k = min(failed)
             raise kernel_error(failed[k], "program overlay peers")
-        return len(reqs) - len(result.errors)
+        return len(changes) - len(result.errors)
 
     def programmed(self, dev: OverlayDevices) -> tuple[set[Fdb], set[Neighbour]]:
         """What vxlan0 holds: FDB (MAC, VTEP) pairs and permanent neighbours (IP, MAC)."""

@@ -12,6 +12,15 @@ protobuf/grpc (python-etcd3's last release predates protobuf 4), threads rather 
 asyncio (aetcd), typed, and served by Debian 12's etcd 3.4 on `/v3/`. Its own watch helper
 cannot tell a dropped stream from a quiet one, so watches here read the gateway's stream
 themselves, through the client's session and URL.
+
+A watch is also checked for liveness, since a silent partition (no FIN, no RST) would
+otherwise leave it waiting for ever on a quiet stream: its TCP connection keeps alive
+with short probes (TCP_KEEPIDLE = the liveness period, 3 probes 1 s apart, and
+TCP_USER_TIMEOUT for unacknowledged data), so the kernel fails a connection that stopped
+answering; and every liveness period a lightweight request (maintenance status) goes to
+the same endpoint, so an etcd that still holds the connection but no longer answers
+(hung, stopped) ends the watch too. Either way WatchLost is raised within about the
+liveness period plus 3 s ($CNM_ETCD_LIVENESS, 5 s by default).
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +40,8 @@ from typing import Any
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
 
 from .. import errors
 
@@ -35,6 +49,8 @@ _log = logging.getLogger(__name__)
 _URL_RE = re.compile(r"etcd://(?P<hosts>[^/\s]+)(?P<prefix>/\S*)?\Z")
 DEFAULT_PREFIX = "cnm"
 API_PATH = "/v3/"  # etcd >= 3.4
+LIVENESS = float(os.environ.get("CNM_ETCD_LIVENESS", "5"))
+KEEPALIVE_PROBES = 3  # TCP keepalive probes, 1 s apart, after LIVENESS s of silence
 
 
 @dataclass(frozen=True)
@@ -142,10 +158,13 @@ class EtcdStore:
     """Records under `<prefix>/` in etcd; every method raises GlobalStoreUnavailable when
     no endpoint answers."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 2.0, liveness: float | None = None) -> None:
         self.url = EtcdURL.parse(url)
         self.prefix = self.url.prefix + "/"
         self.timeout = timeout
+        self.liveness = LIVENESS if liveness is None else liveness
+        if not self.liveness > 0:
+            raise errors.InvalidParameter(f"etcd liveness period must be > 0, not {liveness}")
         self._clients = [
             Etcd3Client(host=h, port=p, timeout=timeout, api_path=API_PATH)
             for h, p in self.url.endpoints
@@ -287,6 +306,8 @@ class EtcdStore:
         the revision was compacted); returns when `stop` is set (closing the stream)."""
         host, port = self.url.endpoints[self._current]
         client = Etcd3Client(host=host, port=port, timeout=self.timeout, api_path=API_PATH)
+        client.session.mount("http://", _KeepAlive(self.liveness))
+        probe = Etcd3Client(host=host, port=port, timeout=self.liveness, api_path=API_PATH)
         full = self._full(prefix)
         body = {
             "create_request": {
@@ -302,8 +323,9 @@ class EtcdStore:
             )
         except requests.RequestException as exc:
             client.session.close()
+            probe.session.close()
             raise WatchLost(str(exc)) from None
-        closer = _Closer(resp, client)
+        closer = _Closer(resp, client, probe, self.liveness, f"{host}:{port}")
         stopper = threading.Thread(target=closer.close_on, args=(stop,), daemon=True)
         stopper.start()
         try:
@@ -330,27 +352,75 @@ class EtcdStore:
         except (requests.RequestException, ValueError, OSError, AttributeError) as exc:
             if stop.is_set():
                 return
-            raise WatchLost(str(exc)) from None
+            raise WatchLost(closer.reason or str(exc)) from None
         finally:
             closer.close()
         if not stop.is_set():
-            raise WatchLost("the watch stream ended")
+            raise WatchLost(closer.reason or "the watch stream ended")
+
+
+class _KeepAlive(HTTPAdapter):
+    """Connections that the kernel fails when the peer stops answering (silent
+    partition): TCP keepalive after `liveness` s idle, and a user timeout."""
+
+    def __init__(self, liveness: float) -> None:
+        idle = max(1, round(liveness))
+        self.socket_options = [
+            *HTTPConnection.default_socket_options,
+            (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, (idle + KEEPALIVE_PROBES) * 1000),
+        ]
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["socket_options"] = self.socket_options
+        super().init_poolmanager(*args, **kwargs)
 
 
 class _Closer:
-    """Closes a streaming response when asked, or when `stop` is set (that unblocks the
-    reader)."""
+    """Closes a streaming response when asked, when `stop` is set (that unblocks the
+    reader), or when the endpoint fails a liveness probe (then `reason` says so)."""
 
-    def __init__(self, resp: requests.Response, client: Etcd3Client) -> None:
+    def __init__(
+        self,
+        resp: requests.Response,
+        client: Etcd3Client,
+        probe: Etcd3Client,
+        liveness: float,
+        where: str,
+    ) -> None:
         self.resp = resp
         self.client = client
+        self.probe = probe
+        self.liveness = liveness
+        self.where = where
+        self.reason: str | None = None
         self.done = threading.Event()
 
     def close_on(self, stop: threading.Event) -> None:
+        next_probe = time.monotonic() + self.liveness
         while not self.done.is_set():
-            if stop.wait(0.2):
+            if stop.wait(min(0.2, max(0.0, next_probe - time.monotonic()))):
                 self.close()
                 return
+            if time.monotonic() < next_probe or self.done.is_set():
+                continue
+            try:
+                self.probe.post(self.probe.get_url("/maintenance/status"), json={})
+            except (Etcd3Exception, requests.RequestException) as exc:
+                if self.done.is_set() or stop.is_set():
+                    continue
+                self.reason = (
+                    f"etcd at {self.where} did not answer a liveness probe within "
+                    f"{self.liveness:g} s ({type(exc).__name__})"
+                )
+                _log.warning("watch: %s", self.reason)
+                self.close()
+                return
+            next_probe = time.monotonic() + self.liveness
 
     def close(self) -> None:
         if self.done.is_set():
@@ -361,10 +431,9 @@ class _Closer:
             fp = getattr(raw, "_fp", None)
             sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
             if sock is not None:
-                import socket
-
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.resp.close()
         self.client.session.close()
+        self.probe.session.close()

@@ -3,7 +3,9 @@ throwaway namespaces).
 
 Hosts are network namespaces joined by an underlay bridge `ul0` (198.18.0.0/24, the
 benchmarking range; addresses exist only inside these namespaces); etcd runs in its own
-namespace on the underlay, started and stopped by the rig. Each host runs one controller
+namespace on the underlay (or, with `etcd_members=3`, a cluster of three, each in its own
+namespace), started, stopped and cut off (link down: a silent partition) by the rig.
+Each host runs one controller
 process (this module run as `python -m tests.e2e.overlay_rig NETNS STATE RUN STORE`) with
 its own state_dir and run_dir, driven over JSON lines on stdin/stdout.
 """
@@ -95,17 +97,25 @@ class HostProc:
 class Rig:
     """Hosts + underlay + etcd. Use `start()`, then `host(i)`; `close()` stops all."""
 
-    def __init__(self, base: Path, hosts: int = 3, *, env: dict | None = None) -> None:
+    def __init__(
+        self, base: Path, hosts: int = 3, *, env: dict | None = None, etcd_members: int = 1
+    ) -> None:
         from cnm.fastpath import netns
 
         self.base = base
         self.netns = netns
-        self.etcd_proc: subprocess.Popen[bytes] | None = None
-        self.store = f"etcd://{ETCD_ADDR}:{ETCD_PORT}/cnm-{os.getpid()}-{int(time.time())}"
+        self.members = etcd_members
+        self.etcd_procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.etcd_ns: dict[int, str] = {}
+        hosts_list = ",".join(
+            f"{self.etcd_addr(k)}:{ETCD_PORT}" for k in range(1, etcd_members + 1)
+        )
+        self.store = f"etcd://{hosts_list}/cnm-{os.getpid()}-{int(time.time())}"
         self.hosts: list[HostProc] = []
         self.env = env or {}
         self.count = hosts
         self._made: list[str] = []
+        self._underlay = False
 
     def _sh(self, *argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True)
@@ -138,11 +148,24 @@ class Rig:
         return path
 
     def start(self) -> Rig:
+        """Underlay, etcd, hosts; on failure whatever was made is removed again."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> Rig:
         self._sh("ip", "link", "add", UNDERLAY, "type", "bridge")
+        self._underlay = True
         self._sh("ip", "addr", "add", f"{SUBNET}.254/24", "dev", UNDERLAY)
         self._sh("ip", "link", "set", UNDERLAY, "up")
-        self.etcd_ns = self._node("etcd", 100)
-        self.start_etcd()
+        for k in range(1, self.members + 1):
+            self.etcd_ns[k] = self._node(self._etcd_name(k), 99 + k)
+        for k in range(1, self.members + 1):
+            self._spawn_etcd(k)
+        for k in range(1, self.members + 1):
+            self._wait_etcd(k)
         for i in range(1, self.count + 1):
             path = self._node(f"h{i}", i)
             h = HostProc(
@@ -163,40 +186,58 @@ class Rig:
     def vtep(self, i: int) -> str:
         return f"{SUBNET}.{i}"
 
-    def start_etcd(self) -> None:
-        data = self.base / "etcd-data"
-        url = f"http://{ETCD_ADDR}:{ETCD_PORT}"
-        self.etcd_proc = subprocess.Popen(
+    @staticmethod
+    def etcd_addr(k: int = 1) -> str:
+        return f"{SUBNET}.{99 + k}"
+
+    @staticmethod
+    def _etcd_name(k: int) -> str:
+        return "etcd" if k == 1 else f"etcd{k}"
+
+    def _spawn_etcd(self, k: int) -> None:
+        name = self._etcd_name(k)
+        addr = self.etcd_addr(k)
+        cluster = ",".join(
+            f"{self._etcd_name(j)}=http://{self.etcd_addr(j)}:2380"
+            for j in range(1, self.members + 1)
+        )
+        url = f"http://{addr}:{ETCD_PORT}"
+        self.etcd_procs[k] = subprocess.Popen(
             [
                 "nsenter",
-                f"--net={self.etcd_ns}",
+                f"--net={self.etcd_ns[k]}",
                 "etcd",
                 "--name",
-                "rig",
+                name,
                 "--data-dir",
-                str(data),
+                str(self.base / f"{name}-data"),
                 "--listen-client-urls",
                 url,
                 "--advertise-client-urls",
                 url,
                 "--listen-peer-urls",
-                "http://127.0.0.1:2380",
+                f"http://{addr}:2380",
                 "--initial-advertise-peer-urls",
-                "http://127.0.0.1:2380",
+                f"http://{addr}:2380",
                 "--initial-cluster",
-                "rig=http://127.0.0.1:2380",
+                cluster,
+                "--initial-cluster-token",
+                f"rig-{id(self)}",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.base / "etcd.log", "ab"),  # noqa: SIM115
+            stderr=open(self.base / f"{name}.log", "ab"),  # noqa: SIM115
         )
+
+    def _wait_etcd(self, k: int) -> None:
         from cnm.control.store.etcd import EtcdStore
 
-        probe = EtcdStore(self.store, timeout=0.5)
+        probe = EtcdStore(f"etcd://{self.etcd_addr(k)}:{ETCD_PORT}/probe", timeout=0.5)
         try:
             deadline = time.monotonic() + 20
             while True:
                 try:
                     probe.status()
+                    probe.get("probe")  # a member of a cluster answers reads with a leader
                     return
                 except Exception:
                     if time.monotonic() > deadline:
@@ -205,23 +246,50 @@ class Rig:
         finally:
             probe.close()
 
-    def stop_etcd(self) -> None:
-        if self.etcd_proc is not None:
-            self.etcd_proc.send_signal(signal.SIGTERM)
+    def start_etcd(self, k: int | None = None) -> None:
+        """Start etcd (every member, or member k) again and wait until it answers."""
+        members = [k] if k is not None else list(range(1, self.members + 1))
+        for j in members:
+            if j not in self.etcd_procs:
+                self._spawn_etcd(j)
+        for j in members:
+            self._wait_etcd(j)
+
+    def stop_etcd(self, k: int | None = None) -> None:
+        """Stop etcd (every member, or member k)."""
+        for j in [k] if k is not None else list(self.etcd_procs):
+            proc = self.etcd_procs.pop(j, None)
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.etcd_proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.etcd_proc.kill()
-                self.etcd_proc.wait()
-            self.etcd_proc = None
+                proc.kill()
+                proc.wait()
+
+    def partition_etcd(self, k: int = 1, *, cut: bool = True) -> None:
+        """A silent partition of etcd member k (its underlay link down: packets to and
+        from it are dropped, no connection is closed); `cut=False` heals it."""
+        state = "down" if cut else "up"
+        self._sh("ip", "link", "set", f"ul-{self._etcd_name(k)}", state)
 
     def close(self) -> None:
         for h in self.hosts:
             h.stop()
         self.stop_etcd()
-        subprocess.run(["ip", "link", "del", UNDERLAY], capture_output=True)
+        # The underlay ends first, each delete synchronous (a namespace's devices die
+        # late, after the namespace): the next rig may reuse every name at once.
+        for path in self._made:
+            subprocess.run(
+                ["ip", "link", "del", f"ul-{os.path.basename(path)}"], capture_output=True
+            )
+        if self._underlay:
+            subprocess.run(["ip", "link", "del", UNDERLAY], capture_output=True)
+            self._underlay = False
         for path in self._made:
             self.netns.delete(path)
+        self._made.clear()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -258,8 +326,14 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
             return "pong"
         if op == "create_network":
             ipv4 = [IPAMConfig(subnet=a["subnet"])] if a.get("subnet") else None
+            ipv6 = [IPAMConfig(subnet=a["subnet6"])] if a.get("subnet6") else None
             n = ctl.create_network(
-                a["name"], driver=a.get("driver", "overlay"), ipv4=ipv4, options=a.get("options")
+                a["name"],
+                driver=a.get("driver", "overlay"),
+                ipv4=ipv4,
+                options=a.get("options"),
+                enable_ipv6=a.get("enable_ipv6", False),
+                ipv6=ipv6,
             )
             return {"id": n.id, "name": n.name}
         if op == "network":
@@ -294,6 +368,10 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
             return ctl.reconcile().to_dict()
         if op == "status":
             return ctl._global.status()
+        if op == "etcd_endpoint":  # the member this host's store talks to now
+            etcd = ctl._global.etcd
+            host, port = etcd.url.endpoints[etcd._current]
+            return f"{host}:{port}"
         if op == "overlay_key":
             return ctl._global.links.key(ctl.network(a["name"]).id)
         if op == "vni":

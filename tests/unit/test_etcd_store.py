@@ -219,6 +219,46 @@ def test_watch_resumes_from_a_revision_and_reports_loss(etcd: Etcd) -> None:
     s.close()
 
 
+def test_watch_on_a_hung_etcd_is_lost_within_the_liveness_period(etcd: Etcd) -> None:
+    """etcd stopped (SIGSTOP): the kernel still holds and acknowledges the connection,
+    so only the liveness probe can tell. The watch ends with WatchLost saying so."""
+    import signal
+
+    with pytest.raises(errors.InvalidParameter):
+        EtcdStore(etcd.url, liveness=0)
+    s = EtcdStore(etcd.url, liveness=1.0)
+    _, rev = s.range("")
+    stop = threading.Event()
+    got: list = []
+
+    def follow() -> None:
+        try:
+            for batch in s.watch("h/", rev + 1, stop):
+                got.extend(batch)
+        except WatchLost as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert etcd.proc is not None
+    try:
+        s.put("h/1", 1)
+        assert _wait(lambda: len(got) == 1)
+        time.sleep(2.5)  # quiet but answering: the probes keep the watch
+        assert len(got) == 1
+        etcd.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert _wait(lambda: isinstance(got[-1], WatchLost), 10)
+        assert time.monotonic() - t0 < 4
+        assert "liveness" in str(got[-1])
+    finally:
+        etcd.proc.send_signal(signal.SIGCONT)
+        stop.set()
+        t.join(5)
+        s.close()
+    assert not t.is_alive()
+
+
 def _wait(pred, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while not pred():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cnm.control import errors
+from cnm.control import IPAMConfig, NetworkController, errors
 from cnm.control.driverapi import EndpointInfo, InterfaceInfo, NetworkInfo, SandboxInfo
 from cnm.control.drivers.remote import RemoteDriver, RemoteOptions, remote_driver
 from cnm.control.ipam.api import PoolRequest
@@ -27,6 +27,10 @@ from cnm.control.types import PoolData
 from tests.plugin_peer import PeerPlugin
 
 FAST = (0.01, 0.02, 0.04)  # backoff for tests: three retries, 70 ms in all
+
+
+def v4(subnet: str) -> IPAMConfig:
+    return IPAMConfig(subnet=subnet)
 
 
 @pytest.fixture
@@ -311,11 +315,19 @@ def test_create_network_and_endpoint_requests_are_exact(pdir: Path, peer: PeerPl
         id="n" * 64,
         name="net",
         options=RemoteOptions.parse({"com.example.colour": "blue"}),
+        # A pool id is the IPAM's own string: the address space is kept beside it, not
+        # parsed out of it (the engine's trace has space "fklocal", pool id "fk/...").
         ipv4=(
             PoolData(
-                "LocalDefault/10.9.0.0/24", "10.9.0.0/24", "10.9.0.1/24", None, {"r": "10.9.0.9/24"}
+                "fk/10.9.0.0/24",
+                "10.9.0.0/24",
+                "10.9.0.1/24",
+                None,
+                {"r": "10.9.0.9/24"},
+                address_space="fklocal",
             ),
         ),
+        # A record written before the address space was kept: the key is left out.
         ipv6=(PoolData("LocalDefault/fd00:9::/64", "fd00:9::/64", None, None, {}),),
         enable_ipv6=True,
     )
@@ -331,13 +343,13 @@ def test_create_network_and_endpoint_requests_are_exact(pdir: Path, peer: PeerPl
         },
         "IPv4Data": [
             {
-                "AddressSpace": "LocalDefault",
+                "AddressSpace": "fklocal",
                 "Pool": "10.9.0.0/24",
                 "Gateway": "10.9.0.1/24",
                 "AuxAddresses": {"r": "10.9.0.9/24"},
             }
         ],
-        "IPv6Data": [{"AddressSpace": "LocalDefault", "Pool": "fd00:9::/64"}],
+        "IPv6Data": [{"Pool": "fd00:9::/64"}],
     }
     iface = InterfaceInfo(ipaddress.ip_interface("10.9.0.2/24"), None, None)
     got = drv.create_endpoint(EndpointInfo("e" * 64, "ep", "n" * 64, iface, {"k": "v"}))
@@ -520,3 +532,196 @@ def test_ipam_bad_replies_are_refused_and_given_back(pdir: Path, peer: PeerPlugi
     with pytest.raises(errors.PluginError, match="not IPv6"):
         ip.request_pool(PoolRequest("peerlocal", None, v6=True))
     assert peer.ipam_state() == {res.pool_id: (1, [])}
+
+
+# --- the controller with a remote driver and IPAM (no kernel work) ------------------------
+
+SUBNET = "10.77.0.0/24"
+
+
+@pytest.fixture
+def rctl(dirs: tuple[str, str], pdir: Path, peer: PeerPlugin) -> Iterator[NetworkController]:
+    with NetworkController(state_dir=dirs[0], run_dir=dirs[1], plugin_dirs=[str(pdir)]) as ctl:
+        yield ctl
+        peer.misbehaviours.clear()
+        peer.release.set()
+
+
+def test_the_address_space_travels_with_the_pool(
+    rctl: NetworkController, dirs: tuple[str, str], pdir: Path, peer: PeerPlugin
+) -> None:
+    """IPAMData.AddressSpace is the space the pool was requested in, whatever the IPAM's
+    pool ids look like; it is kept in the store with the pool."""
+    peer.pool_prefix = "pk"  # pool ids "pk/10.77.0.0/24" in space "peerlocal"
+    net = rctl.create_network("n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    [req] = peer.calls("NetworkDriver.CreateNetwork")
+    assert req.body["IPv4Data"] == [
+        {"AddressSpace": "peerlocal", "Pool": SUBNET, "Gateway": "10.77.0.1/24"}
+    ]
+    assert peer.calls("IpamDriver.RequestAddress")[0].body["PoolID"] == f"pk/{SUBNET}"
+    with NetworkController(state_dir=dirs[0], run_dir=dirs[1], plugin_dirs=[str(pdir)]) as other:
+        [pool] = other.store.network_by_id(net.id).ipv4
+    assert (pool.pool_id, pool.address_space) == (f"pk/{SUBNET}", "peerlocal")
+    net.delete()
+    assert peer.ipam_state() == {}
+
+
+def test_gw_alloc_check_is_asked_first_and_followed(
+    rctl: NetworkController, peer: PeerPlugin
+) -> None:
+    """A GwAllocChecker plugin is asked before any address is requested; a skipped
+    gateway is not requested (unless the user chose one), and no Gateway is sent."""
+    peer.skip_gateway = (True, False)
+    rctl.create_network(
+        "n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)], options={"k": "v"}
+    )
+    assert peer.paths()[:6] == [
+        "Plugin.Activate",
+        "NetworkDriver.GetCapabilities",
+        "IpamDriver.GetCapabilities",
+        "NetworkDriver.GwAllocCheck",
+        "IpamDriver.GetDefaultAddressSpaces",
+        "IpamDriver.RequestPool",
+    ]
+    assert peer.calls("NetworkDriver.GwAllocCheck")[0].body == {
+        "Options": {
+            "com.docker.network.generic": {"k": "v"},
+            "com.docker.network.enable_ipv4": True,
+            "com.docker.network.enable_ipv6": False,
+            "com.docker.network.internal": False,
+        }
+    }
+    assert peer.calls("IpamDriver.RequestAddress") == []
+    assert peer.calls("NetworkDriver.CreateNetwork")[0].body["IPv4Data"] == [
+        {"AddressSpace": "peerlocal", "Pool": SUBNET}
+    ]
+    # A gateway the user chose is still requested.
+    peer.clear()
+    rctl.create_network(
+        "m",
+        driver="peer",
+        ipam_driver="peer",
+        ipv4=[IPAMConfig(subnet="10.78.0.0/24", gateway="10.78.0.9")],
+    )
+    assert peer.calls("IpamDriver.RequestAddress")[0].body["Address"] == "10.78.0.9"
+    # A plugin that did not declare GwAllocChecker is never asked.
+    peer.skip_gateway = None
+    rctl.registry.get("peer").gw_alloc_checker = False
+    peer.clear()
+    rctl.create_network("o", driver="peer", ipam_driver="peer", ipv4=[v4("10.79.0.0/24")])
+    assert peer.calls("NetworkDriver.GwAllocCheck") == []
+    assert len(peer.calls("IpamDriver.RequestAddress")) == 1
+
+
+def test_a_failing_gw_alloc_check_fails_the_create_and_takes_nothing(
+    rctl: NetworkController, peer: PeerPlugin
+) -> None:
+    peer.skip_gateway = (False, False)
+    peer.misbehave("NetworkDriver.GwAllocCheck", "err")
+    with pytest.raises(errors.PluginError) as info:
+        rctl.create_network("n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    assert info.value.method == "NetworkDriver.GwAllocCheck"
+    assert peer.calls("IpamDriver.RequestPool") == [] and peer.ipam_state() == {}
+    assert rctl.networks() == []
+    peer.misbehave("NetworkDriver.GwAllocCheck", None)
+    peer.do_NetworkDriver_GwAllocCheck = lambda b: {"SkipIPv4": "yes"}  # type: ignore
+    with pytest.raises(errors.PluginError, match="must be bools"):
+        rctl.create_network("n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    assert peer.ipam_state() == {} and rctl.networks() == []
+
+
+def _hung(peer: PeerPlugin, method: str, calls: int) -> bool:
+    return len(peer.calls(method)) >= calls
+
+
+STALLS = [
+    ("create_network", "IpamDriver.RequestPool"),
+    ("create_network", "IpamDriver.RequestAddress"),
+    ("create_endpoints", "IpamDriver.RequestAddress"),
+    ("delete_endpoints", "IpamDriver.ReleaseAddress"),
+    ("delete_network", "IpamDriver.ReleasePool"),
+]
+
+
+@pytest.mark.parametrize(("stage", "method"), STALLS, ids=[f"{s}-{m}" for s, m in STALLS])
+def test_a_hung_ipam_plugin_does_not_hold_the_store(
+    rctl: NetworkController, dirs: tuple[str, str], peer: PeerPlugin, stage: str, method: str
+) -> None:
+    """While a remote IPAM call hangs, another controller on the same store can still
+    write: the plugin is called outside the store's write transaction."""
+    net = ep = None
+    if stage != "create_network":
+        net = rctl.create_network("n", driver="null", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    if stage in ("delete_endpoints", "delete_network"):
+        ep = net.create_endpoint("a")
+    if stage == "delete_network":
+        rctl.delete_endpoints([ep])
+    before = len(peer.calls(method))
+    peer.misbehave(method, "hang")
+    outcome: list[BaseException | None] = []
+
+    def stalled() -> None:
+        try:
+            if stage == "create_network":
+                rctl.create_network("n", driver="null", ipam_driver="peer", ipv4=[v4(SUBNET)])
+            elif stage == "create_endpoints":
+                net.create_endpoints(["a", "b"])
+            elif stage == "delete_endpoints":
+                rctl.delete_endpoints([ep])
+            else:
+                net.delete()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=stalled)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not _hung(peer, method, before + 1):
+            assert time.monotonic() < deadline, "the plugin was never called"
+            time.sleep(0.01)
+        with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as other:
+            other.create_network("bystander", driver="null", ipam_driver="null").delete()
+        assert worker.is_alive(), "the plugin call ended before the other writer was done"
+    finally:
+        peer.release.set()  # the hung call ends: the connection closes without a reply
+        worker.join(30)
+    assert isinstance(outcome[0], errors.PluginError), outcome
+    assert outcome[0].method == method
+
+
+def test_a_name_taken_while_the_ipam_plugin_answered_gives_everything_back(
+    rctl: NetworkController, dirs: tuple[str, str], pdir: Path, peer: PeerPlugin
+) -> None:
+    """Pools and addresses taken from a plugin before the write transaction are given
+    back when the transaction refuses the record."""
+    real_pool, real_addr = peer.do_IpamDriver_RequestPool, peer.do_IpamDriver_RequestAddress
+    other = NetworkController(state_dir=dirs[0], run_dir=dirs[1], plugin_dirs=[str(pdir)])
+
+    def racing_pool(body: dict) -> dict:  # another process takes the name meanwhile
+        other.create_network("n", driver="null", ipam_driver="null")
+        return real_pool(body)
+
+    peer.do_IpamDriver_RequestPool = racing_pool  # type: ignore[method-assign]
+    try:
+        with pytest.raises(errors.NameInUse):
+            rctl.create_network("n", driver="null", ipam_driver="peer", ipv4=[v4(SUBNET)])
+        assert peer.ipam_state() == {}
+        peer.do_IpamDriver_RequestPool = real_pool  # type: ignore[method-assign]
+        net = rctl.create_network("m", driver="null", ipam_driver="peer", ipv4=[v4(SUBNET)])
+
+        def racing_addr(body: dict) -> dict:
+            if not body["Options"]:  # an endpoint's address: the name goes meanwhile
+                peer.do_IpamDriver_RequestAddress = real_addr  # type: ignore[method-assign]
+                other.network("m").create_endpoint("b")  # takes 10.77.0.2
+            return real_addr(body)
+
+        peer.do_IpamDriver_RequestAddress = racing_addr  # type: ignore[method-assign]
+        with pytest.raises(errors.NameInUse):
+            net.create_endpoints(["a", "b"])
+        # The gateway and b's address stay; a's and the second b's were given back.
+        assert peer.ipam_state() == {f"peerlocal/{SUBNET}": (1, ["10.77.0.1", "10.77.0.2"])}
+        assert [e.name for e in net.endpoints()] == ["b"]
+    finally:
+        other.close()
