@@ -65,7 +65,11 @@ def _floor(binary: str, mode: str, paths: list[str], tag: str) -> dict:
 
 
 def _controller(state: Path, run: Path, tag: str) -> NetworkController:
-    return NetworkController(state_dir=str(state / f"state-{tag}"), run_dir=str(run / f"run-{tag}"))
+    # Like for like: the C floor and the CNI plugin attach no BPF program, so neither does
+    # cnm here (what the BPF data path adds to a join is measured in bench_ebpf.py).
+    return NetworkController(
+        state_dir=str(state / f"state-{tag}"), run_dir=str(run / f"run-{tag}"), ebpf="off"
+    )
 
 
 def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path, run_root: Path) -> None:

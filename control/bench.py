@@ -32,6 +32,7 @@ from cnm.fastpath import netns
 
 from . import errors
 from .controller import NetworkController
+from .osl import accel
 from .types import IPAMConfig
 
 CNI_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
@@ -96,23 +97,32 @@ def _run(*argv: str, stdin: str | None = None, env: dict[str, str] | None = None
 
 
 def bench_cnm(
-    root: str, backend: str, n: int, progress: Progress, state_root: str | None = None
+    root: str,
+    backend: str,
+    n: int,
+    progress: Progress,
+    state_root: str | None = None,
+    ebpf: str = "off",
 ) -> Result:
+    """cnm's joins and leaves; `ebpf="on"`: with the BPF data path attached at each join
+    (the other methods attach no program, so the comparable rows use "off")."""
+    tag = backend if ebpf == "off" else f"{backend}-bpf"
     with NetworkController(
-        state_dir=f"{state_root or root}/state-{backend}",
-        run_dir=f"{root}/run-{backend}",
+        state_dir=f"{state_root or root}/state-{tag}",
+        run_dir=f"{root}/run-{tag}",
         fastpath=backend,
+        ebpf=ebpf,
     ) as ctl:
         net = ctl.create_network("bench", driver="bridge", ipv4=[IPAMConfig(subnet=SUBNET)])
         eps = net.create_endpoints([f"e{i}" for i in range(n)])
-        sbs = [ctl.create_sandbox(f"{backend}-c{i}") for i in range(n)]
+        sbs = [ctl.create_sandbox(f"{tag}-c{i}") for i in range(n)]
         joins, leaves = [], []
         for i, (ep, sb) in enumerate(zip(eps, sbs, strict=True)):
             joins.append(_timed(lambda ep=ep, sb=sb: ep.join(sb)))
-            progress(f"cnm {backend} join", i + 1, n)
+            progress(f"cnm {tag} join", i + 1, n)
         for i, (ep, sb) in enumerate(zip(eps, sbs, strict=True)):
             leaves.append(_timed(lambda ep=ep, sb=sb: ep.leave(sb)))
-            progress(f"cnm {backend} leave", i + 1, n)
+            progress(f"cnm {tag} leave", i + 1, n)
         pairs = list(zip(eps, sbs, strict=True))
         bulk_join = _timed(lambda: ctl.join_many(pairs))
         bulk_leave = _timed(lambda: ctl.leave_many(pairs))
@@ -121,7 +131,7 @@ def bench_cnm(
         ctl.delete_endpoints(eps)
         net.delete()
     return Result(
-        f"cnm ({backend})",
+        f"cnm ({backend}{', BPF data path' if ebpf == 'on' else ''})",
         n,
         _pct(joins, 0.5),
         _pct(joins, 0.99),
@@ -352,6 +362,10 @@ def bench(
         backends = (["native"] if fastpath.native_available() else []) + ["python"]
         for backend in backends:
             results.append(bench_cnm(root, backend, containers, progress, state_root))
+        if accel.available():
+            results.append(
+                bench_cnm(root, backends[0], containers, progress, state_root, ebpf="on")
+            )
         runners = {"cni": bench_cni, "pyroute2": bench_pyroute2, "ip": bench_ip}
         for method in chosen:
             results.append(runners[method](root, containers, progress))

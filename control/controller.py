@@ -36,10 +36,13 @@ from .driverapi import (
     Driver,
     EndpointInfo,
     ExternalConnectivity,
+    FixedPortLimit,
+    GatewayAllocationCheck,
     HostJoin,
     InterfaceInfo,
     JoinInfo,
     NetworkInfo,
+    PortLimit,
     Restorable,
     SandboxInfo,
     implements,
@@ -55,6 +58,7 @@ from .ipam.api import (
     PoolRequest,
 )
 from .ipam.default import DefaultIpam
+from .ipam.remote import MAC_ADDRESS_OPTION, MacAddressAware
 from .network import Network
 from .osl import NamespaceStore
 from .osl.accel import Accelerator, default_pin_root
@@ -131,47 +135,71 @@ class NetworkController:
             not isinstance(bpf_pin_root, str) or not bpf_pin_root.startswith("/")
         ):
             raise errors.InvalidParameter("bpf_pin_root must be an absolute path (on bpffs)")
-        # The optional BPF data path (osl.accel): "on" is decided now, so a host that
-        # cannot run it fails here (EbpfUnavailable); "auto" decides on first use and
-        # falls back to the kernel path, logging why; `ctl.ebpf` says what is in use.
-        self._accel = Accelerator(ebpf, bpf_pin_root or default_pin_root(state_dir))
-        if ebpf == "on":
-            self._accel.resolve()
+        for what, path in (("state_dir", state_dir), ("run_dir", run_dir)):
+            if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+                raise errors.InvalidParameter(f"{what} must be a directory path, not {path!r}")
         if plugin_dirs is None:
             plugin_dirs = DEFAULT_PLUGIN_DIRS
-        if isinstance(plugin_dirs, str) or not all(isinstance(d, str) for d in plugin_dirs):
+        if (
+            isinstance(plugin_dirs, str | bytes)
+            or not isinstance(plugin_dirs, Iterable)
+            or not all(isinstance(d, str) for d in plugin_dirs)
+        ):
             raise errors.InvalidParameter("plugin_dirs must be a list of directory paths")
         self.plugin_dirs = tuple(plugin_dirs)
         self.state_dir = state_dir
         self.run_dir = run_dir
+        # Every argument is valid: from here on things are made, and a failure undoes
+        # what was made (store, BPF pins this call loaded, reaper): bad input changes
+        # nothing. The optional BPF data path (osl.accel): "on" is decided now, so a host
+        # that cannot run it fails here (EbpfUnavailable); "auto" decides on first use
+        # and falls back to the kernel path, logging why; `ctl.ebpf` says what is in use.
+        self._accel = Accelerator(ebpf, bpf_pin_root or default_pin_root(state_dir))
         self._store = SQLiteStore(state_dir)
-        self._ipam: dict[str, IpamDriver] = {"default": DefaultIpam(self._store)}
-        self._links = HostLinks(backend=self.fastpath)
-        self._interfaces = SandboxInterfaces(backend=self.fastpath)
-        self._registry: DriverRegistry = builtin_registry(self._links, Firewall(), self._accel)
-        from .drivers.remote import remote_driver
-        from .plugins import Plugins
-
-        # Remote plugins are found by name when no built-in driver has it.
-        self._plugins = Plugins(self.plugin_dirs)
-        self._registry.add_resolver(lambda name: remote_driver(self._plugins, name))
-        self._namespaces = NamespaceStore(run_dir, backend=self.fastpath)
-        self._lock = threading.RLock()
-        self._announced: set[tuple[str, str]] = set()
         self._closed = False
-        self._reaper = threading.Thread(target=self._reap_loop, name="cnm-reaper", daemon=True)
-        self._reaper.start()
-        # Global scope (issue 6): overlay networks, their IPAM and peers live in etcd.
+        self._reaper: threading.Thread | None = None
         self._global: Any = None
-        if store is not None:
-            from .globalscope import GlobalScope
+        try:
+            if ebpf == "on":
+                self._accel.resolve()
+            self._ipam: dict[str, IpamDriver] = {"default": DefaultIpam(self._store)}
+            self._links = HostLinks(backend=self.fastpath)
+            self._interfaces = SandboxInterfaces(backend=self.fastpath)
+            self._registry: DriverRegistry = builtin_registry(self._links, Firewall(), self._accel)
+            from .drivers.remote import remote_driver
+            from .plugins import Plugins
 
-            try:
+            # Remote plugins are found by name when no built-in driver has it.
+            self._plugins = Plugins(self.plugin_dirs)
+            self._registry.add_resolver(lambda name: remote_driver(self._plugins, name))
+            self._namespaces = NamespaceStore(run_dir, backend=self.fastpath)
+            self._lock = threading.RLock()
+            self._announced: set[tuple[str, str]] = set()
+            self._reaper = threading.Thread(target=self._reap_loop, name="cnm-reaper", daemon=True)
+            self._reaper.start()
+            # Global scope (issue 6): overlay networks, their IPAM and peers live in etcd.
+            if store is not None:
+                from .globalscope import GlobalScope
+
                 self._global = GlobalScope(self, store)
                 self._global.attach()
-            except BaseException:
-                self.close()
-                raise
+        except BaseException:
+            self._undo_init()
+            raise
+
+    def _undo_init(self) -> None:
+        """A construction that failed part-way: stop and close what it made."""
+        self._closed = True
+        if self._global is not None:
+            with contextlib.suppress(Exception):
+                self._global.close()
+        if self._reaper is not None:
+            self._links.wake()
+            self._reaper.join()
+        self._store.close()
+        with contextlib.suppress(Exception):
+            self._accel.release_if_loaded()
+        self._accel.close()
 
     # --- life of the controller ----------------------------------------------------------
 
@@ -274,6 +302,30 @@ class NetworkController:
             drv.restore_network(self._network_info(rec, drv))
             self._announced.add((drv.name, rec.id))
         return drv
+
+    # --- hooks for the global scope (control/globalscope.py) -----------------------------
+
+    @property
+    def state_lock(self) -> threading.RLock:
+        """The lock every change of this controller's networks, endpoints and sandboxes
+        is made under. The global scope mirrors networks of other hosts under it, so a
+        mirror change never interleaves with a create or delete here."""
+        return self._lock
+
+    def use_ipam(self, name: str, ipam: IpamDriver) -> None:
+        """Make `ipam` the IPAM driver called `name` (the global scope's default IPAM,
+        which keeps the global address space in etcd)."""
+        self._ipam[name] = ipam
+
+    def announce_network(self, rec: NetworkRecord) -> None:
+        """Tell the network's driver about it, if the driver keeps networks in memory
+        and was not told yet (a network mirrored from another host)."""
+        self._driver_for(rec)
+
+    def network_forgotten(self, rec: NetworkRecord) -> None:
+        """A network's record was removed behind the controller (deleted on another
+        host): its driver is told afresh should it come back."""
+        self._announced.discard((rec.driver, rec.id))
 
     # --- look-ups ------------------------------------------------------------------------
 
@@ -413,9 +465,10 @@ class NetworkController:
         skip_gw = (False, False)
         # GwAllocCheck (spec/remote-protocol.md; opt-in, remote drivers): may the
         # gateway addresses be left unallocated? Asked before any address is.
-        gw_check = getattr(drv, "skip_gateway_allocation", None)
-        if ipam is not None and gw_check is not None:
-            skip_gw = gw_check(typed_opts, enable_ipv6=enable_ipv6, internal=internal)
+        if ipam is not None and implements(drv, GatewayAllocationCheck):
+            skip_gw = drv.skip_gateway_allocation(  # type: ignore[attr-defined]
+                typed_opts, enable_ipv6=enable_ipv6, internal=internal
+            )
 
         with self._lock:
             net_id = new_id()
@@ -425,7 +478,7 @@ class NetworkController:
             # it: a plugin that hangs must not hold the write lock (and every other
             # controller process with it) for its timeout. What it gave is given back
             # if the record cannot be written.
-            outside = ipam is not None and not _in_store(ipam)
+            outside = ipam is not None and not _in_store(ipam, _address_space(ipam, scope))
             if outside:
                 assert ipam is not None
                 if self._store.network_by_name(name) is not None:
@@ -479,11 +532,14 @@ class NetworkController:
                     published = True
                 drv.create_network(info)
                 self._announced.add((drv.name, net_id))
-            except BaseException:
+            except BaseException as exc:
                 if published:
-                    self._global.withdraw_network(rec, check=False)
+                    try:  # retried by the global scope's agent if etcd is away now
+                        self._global.withdraw_network(rec, check=False)
+                    except Exception as cleanup:
+                        exc.add_note(f"rollback: withdraw from the global store: {cleanup}")
                 self._release_then_delete(
-                    rec.ipam_driver,
+                    rec,
                     lambda: self._release_network_pools(rec),
                     lambda: self._store.delete_network(net_id),
                 )
@@ -505,8 +561,7 @@ class NetworkController:
     ) -> tuple[tuple[PoolData, ...], tuple[PoolData, ...]]:
         """A new network's IPv4 and (with enable_ipv6) IPv6 pools, in the address space
         of its scope; all or nothing."""
-        local, global_ = ipam.default_address_spaces()
-        space = global_ if scope in ("global", "swarm") else local
+        space = _address_space(ipam, scope)
         pools4 = self._request_pools(
             ipam, owner, space, v4 or [None], options, False, skip_gateway=skip_gw[0]
         )
@@ -583,14 +638,22 @@ class NetworkController:
             raise
         return tuple(out)
 
+    def _ipam_in_store(self, rec: NetworkRecord) -> bool:
+        """Whether the network's pools and addresses are kept in the store (_in_store)."""
+        if rec.ipam_driver == "null":
+            return True
+        ipam = self.ipam_driver(rec.ipam_driver)
+        return all(_in_store(ipam, p.pool_id) for p in (*rec.ipv4, *rec.ipv6))
+
     def _release_then_delete(
-        self, ipam_driver: str, release: Callable[[], None], delete: Callable[[], None]
+        self, net: NetworkRecord, release: Callable[[], None], delete: Callable[[], None]
     ) -> None:
-        """Give pools or addresses back to the IPAM, then delete the records that held
-        them. The store's own IPAM does both in one transaction; a plugin's calls are
-        made first, outside any transaction (a plugin that hangs must not hold the
-        store's write lock), and the records go only when they succeeded."""
-        if ipam_driver == "null" or _in_store(self.ipam_driver(ipam_driver)):
+        """Give pools or addresses of `net` back to the IPAM, then delete the records that
+        held them. The store's own IPAM does both in one transaction; a plugin's calls
+        (or the global address space's, in etcd) are made first, outside any
+        transaction (a plugin that hangs must not hold the store's write lock), and the
+        records go only when they succeeded."""
+        if self._ipam_in_store(net):
             with self._store.tx():
                 release()
                 delete()
@@ -624,16 +687,32 @@ class NetworkController:
                 if rec.state == "creating":
                     raise errors.Conflict(f"network {rec.name!r} is still being created")
                 self._store.set_network_state(rec.id, "deleting")
+            withdrawn = False
             try:
                 if self._global is not None and rec.scope != "local":  # global scope
                     self._global.withdraw_network(rec)
+                    withdrawn = True
                 self._driver_for(rec).delete_network(rec.id)
                 self._announced.discard((rec.driver, rec.id))
-            except BaseException:
-                self._store.set_network_state(rec.id, "ready")
+            except BaseException as exc:
+                # The network stays: so do its global records (other hosts keep it).
+                # If they cannot be put back, the intent stays "deleting" for
+                # reconcile to finish the delete.
+                republished = True
+                if withdrawn:
+                    try:
+                        self._global.publish_network(rec)
+                    except Exception as cleanup:
+                        republished = False
+                        exc.add_note(
+                            f"rollback: republish in the global store: {cleanup}; the "
+                            "network stays 'deleting' until reconcile completes the delete"
+                        )
+                if republished:
+                    self._store.set_network_state(rec.id, "ready")
                 raise
             self._release_then_delete(
-                rec.ipam_driver,
+                rec,
                 lambda: self._release_network_pools(rec),
                 lambda: self._store.delete_network(rec.id),
             )
@@ -665,7 +744,7 @@ class NetworkController:
                 raise errors.NetworkNotFound(net.name)
             # A plugin's IPAM is asked before the write transaction (see create_network);
             # the store's own IPAM inside it, so that a rollback undoes it.
-            outside = rec.ipam_driver != "null" and not _in_store(self.ipam_driver(rec.ipam_driver))
+            outside = not self._ipam_in_store(rec)
             records: list[EndpointRecord] = []
             ifaces: list[InterfaceInfo] = []
             held: list[IPInterface] = []
@@ -704,7 +783,7 @@ class NetworkController:
                     except Exception as cleanup:  # keep going: every endpoint gets its chance
                         exc.add_note(f"rollback: delete_endpoint {ep.name}: {cleanup}")
                 self._release_then_delete(
-                    rec.ipam_driver,
+                    rec,
                     lambda: self._release_endpoint_addresses(rec, records),
                     lambda: self._store.delete_endpoints([e.id for e in records]),
                 )
@@ -735,12 +814,28 @@ class NetworkController:
         records = []
         ifaces = []
         held: list[IPInterface] = []
+        wants_mac = False
+        if rec.ipam_driver != "null":
+            ipam = self.ipam_driver(rec.ipam_driver)
+            wants_mac = implements(ipam, MacAddressAware) and bool(
+                ipam.requires_mac_address  # type: ignore[attr-defined]
+            )
         try:
             for name, v4, v6, mac, options in parsed:
                 ep_id = new_id()
-                a4 = self._allocate(rec, rec.ipv4, v4, ep_id)
+                addr_options: dict[str, str] | None = None
+                if wants_mac:
+                    # The engine's rule: an IPAM that requires the MAC address gets it
+                    # with each RequestAddress; one is made now if the user gave none.
+                    mac = mac or generate_mac()
+                    addr_options = {MAC_ADDRESS_OPTION: mac}
+                a4 = self._allocate(rec, rec.ipv4, v4, ep_id, addr_options)
                 held += [a4] if a4 else []
-                a6 = self._allocate(rec, rec.ipv6, v6, ep_id) if rec.enable_ipv6 else None
+                a6 = (
+                    self._allocate(rec, rec.ipv6, v6, ep_id, addr_options)
+                    if rec.enable_ipv6
+                    else None
+                )
                 held += [a6] if a6 else []
                 records.append(
                     EndpointRecord(
@@ -765,7 +860,12 @@ class NetworkController:
         return records, ifaces, held
 
     def _allocate(
-        self, net: NetworkRecord, pools: Sequence[PoolData], want: IPAddress | None, owner: str
+        self,
+        net: NetworkRecord,
+        pools: Sequence[PoolData],
+        want: IPAddress | None,
+        owner: str,
+        options: Mapping[str, str] | None = None,
     ) -> IPInterface | None:
         if not pools:
             if want is not None:
@@ -775,14 +875,14 @@ class NetworkController:
         if want is not None:
             for pool in pools:
                 if want in ipaddress.ip_network(pool.subnet):
-                    return ipam.request_address(pool.pool_id, want, owner=owner)
+                    return ipam.request_address(pool.pool_id, want, options, owner=owner)
             raise errors.InvalidParameter(
                 f"address {want} is outside the pools of network {net.name!r}"
             )
         last: errors.PoolExhausted | None = None
         for pool in pools:
             try:
-                return ipam.request_address(pool.pool_id, None, owner=owner)
+                return ipam.request_address(pool.pool_id, None, options, owner=owner)
             except errors.PoolExhausted as exc:
                 last = exc
         assert last is not None
@@ -845,7 +945,7 @@ class NetworkController:
                 deleted.setdefault(net.id, []).append(r)
             for net_id, eps in deleted.items():
                 self._release_then_delete(
-                    nets[net_id].ipam_driver,
+                    nets[net_id],
                     functools.partial(self._release_endpoint_addresses, nets[net_id], eps),
                     functools.partial(self._store.delete_endpoints, [e.id for e in eps]),
                 )
@@ -1042,16 +1142,27 @@ class NetworkController:
 
     def _check_ports(self, networks: Sequence[NetworkRecord]) -> None:
         """Refuse, before the kernel does, a join past a driver's port limit (a Linux
-        bridge takes 1024 ports; a driver with `port_limit(network_id)` says per network,
-        e.g. none for a routed bridge network); one entry in `networks` per join."""
+        bridge takes 1024 ports; a PortLimit driver says per network, e.g. none for a
+        routed bridge network); one entry in `networks` per join.
+
+        Runs inside the store's write transaction, so it never resolves a driver (the
+        first use of a remote driver is a plugin handshake, with retries and timeouts):
+        only drivers already registered are asked, and a driver that is not registered
+        yet cannot have a limit (a driver with one is built in or registered at start)."""
         adding: dict[str, int] = {}
         for n in networks:
             adding[n.id] = adding.get(n.id, 0) + 1
+        registered = set(self._registry.names())
         for net_id, count in adding.items():
             net = next(n for n in networks if n.id == net_id)
+            if net.driver not in registered:
+                continue
             drv = self._driver_for(net)
-            per_network = getattr(drv, "port_limit", None)
-            limit = per_network(net.id) if per_network else getattr(drv, "max_ports", None)
+            limit: int | None = None
+            if implements(drv, PortLimit):
+                limit = drv.port_limit(net.id)  # type: ignore[attr-defined]
+            elif implements(drv, FixedPortLimit):
+                limit = drv.max_ports  # type: ignore[attr-defined]
             if limit is None:
                 continue
             if self._store.count_joined(net_id) + count > limit:
@@ -1136,7 +1247,9 @@ class NetworkController:
                     raise errors.Unsupported(
                         f"driver {net.driver!r} cannot join a sandbox its engine owns"
                     )
-                info: JoinInfo = drv.join_on_host(net.id, rec.id)  # type: ignore[attr-defined]
+                info: JoinInfo = drv.join_on_host(  # type: ignore[attr-defined]
+                    net.id, rec.id, _interface_info(rec)
+                )
             except BaseException:
                 with self._store.tx():
                     self._store.put_endpoints([rec])  # as before the intent
@@ -1514,11 +1627,20 @@ def _address_holdings(
     return out
 
 
-def _in_store(ipam: IpamDriver) -> bool:
-    """Whether the IPAM keeps its allocations in the controller's store, so that a store
-    rollback undoes them (the default IPAM); an IPAM plugin keeps its own, and its calls
-    are made outside store transactions."""
-    return isinstance(ipam, DefaultIpam)
+def _in_store(ipam: IpamDriver, ref: str) -> bool:
+    """Whether what the IPAM allocates under `ref` (a pool id or an address space) is
+    kept in the controller's store, so that a store rollback undoes it: then its calls
+    are made inside the store's write transaction (the default IPAM's local pools, its
+    `transactional(ref)`). Everything else (an IPAM plugin, the global address space in
+    etcd) is asked outside any transaction, and what it gave is given back on failure."""
+    transactional = getattr(ipam, "transactional", None)
+    return transactional is not None and bool(transactional(ref))
+
+
+def _address_space(ipam: IpamDriver, scope: str) -> str:
+    """The IPAM's default address space for a driver's data scope."""
+    local, global_ = ipam.default_address_spaces()
+    return global_ if scope in ("global", "swarm") else local
 
 
 def _undo_ipam(

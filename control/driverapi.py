@@ -2,9 +2,10 @@
 
 Owns: Capability (data and connectivity scope), the core `Driver` Protocol (create and
 delete network, create and delete endpoint, join, leave), the opt-in protocols a driver
-may also implement (operational info, external connectivity, discovery, table events),
-the typed values passed across the contract, and `DriverOptions`, the base of every
-driver's options dataclass that validates the user's `options` mapping.
+may also implement (operational info, external connectivity, discovery, table events,
+bulk and host joins, port limits, the gateway allocation check), the typed values
+passed across the contract, and `DriverOptions`, the base of every driver's options
+dataclass that validates the user's `options` mapping.
 """
 
 from __future__ import annotations
@@ -287,7 +288,44 @@ class HostJoin(Protocol):
     the plugin protocol): the interface is left on the host, named `src_name`, for the
     engine to move into its sandbox; `leave` undoes it as usual."""
 
-    def join_on_host(self, network_id: str, endpoint_id: str) -> JoinInfo: ...
+    def join_on_host(
+        self, network_id: str, endpoint_id: str, interface: InterfaceInfo | None = None
+    ) -> JoinInfo:
+        """`interface`: the endpoint's addresses and MAC as the controller allocated them
+        (as `SandboxInfo.interface` for a normal join), None when unknown."""
+        ...
+
+
+@runtime_checkable
+class PortLimit(Protocol):
+    """A driver whose networks take a limited number of joins (a Linux bridge's 1024
+    ports), per network: the controller refuses a join past it before the kernel does."""
+
+    def port_limit(self, network_id: str) -> int | None:
+        """The most joins `network_id` takes; None: no limit. Called inside the store's
+        write transaction: must answer from memory (no plugin call, no kernel request)."""
+        ...
+
+
+@runtime_checkable
+class FixedPortLimit(Protocol):
+    """A driver whose every network takes at most `max_ports` joins (see PortLimit,
+    which takes precedence when a driver implements both)."""
+
+    max_ports: int
+
+
+@runtime_checkable
+class GatewayAllocationCheck(Protocol):
+    """A driver that may ask for a new network's gateway addresses to be left
+    unallocated (the remote driver's GwAllocCheck, spec/remote-protocol.md)."""
+
+    def skip_gateway_allocation(
+        self, options: DriverOptions, *, enable_ipv6: bool, internal: bool
+    ) -> tuple[bool, bool]:
+        """(skip the IPv4 gateway, skip the IPv6 gateway), asked before any address of
+        the network is requested, outside any store transaction."""
+        ...
 
 
 _implements: dict[tuple[type, type], bool] = {}

@@ -254,3 +254,19 @@ class EbpfVerifierRejected(EbpfUnavailable):
 
 
 __all__ += ["EbpfUnavailable", "EbpfVerifierRejected"]
+
+
+# --- interfaces a driver hands over --------------------------------------------------------
+
+
+class UnsafeInterface(Conflict):
+    """A driver named a host interface that must not be moved into a sandbox (`interface`,
+    `reason`): the loopback, or one the host uses (an IP address, a default route)."""
+
+    def __init__(self, interface: str, reason: str) -> None:
+        super().__init__(f"refusing to move host interface {interface!r} into a sandbox: {reason}")
+        self.interface = interface
+        self.reason = reason
+
+
+__all__ += ["UnsafeInterface"]

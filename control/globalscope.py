@@ -16,6 +16,7 @@ vnis/<vni> and overlay/<network id> (the overlay driver), ipam/... (ipam.scoped)
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -24,7 +25,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,10 @@ REPAIR_INTERVAL = float(os.environ.get("CNM_OVERLAY_REPAIR_INTERVAL", "30"))
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 _LOST = object()
+
+
+class _Stopped(BaseException):
+    """The agent was told to stop: it unwinds without touching the stores again."""
 
 
 def _network_json(rec: NetworkRecord) -> dict[str, Any]:
@@ -88,6 +93,22 @@ def advertise_address(etcd: EtcdStore) -> ipaddress.IPv4Address | ipaddress.IPv6
 
 
 class GlobalScope:
+    """A controller's share of the global store (see the module docstring).
+
+    Owns the connection to etcd (EtcdStore), the scoped IPAM and the overlay driver it
+    hands the controller, the local mirror of global networks, this host's peer
+    records, and the agent thread. It reaches the controller only through its hooks for
+    the global scope (`state_lock`, `use_ipam`, `announce_network`, `network_forgotten`)
+    and its store; every change of the local mirror is made under `state_lock`, so it
+    never interleaves with a create or delete on this host.
+
+    Errors: publish_network raises NameInUse when any host has a network of that name;
+    withdraw_network raises ActiveEndpoints while another host has endpoints on it;
+    fetch_network raises NetworkNotFound / AmbiguousReference; every etcd call may raise
+    GlobalStoreUnavailable (or StoreError). Peer records never raise: while etcd is away
+    they wait for the agent. After close() the agent touches neither store again.
+    """
+
     def __init__(self, ctl: NetworkController, url: str, *, repair_interval: float | None = None):
         self.ctl = ctl
         self.etcd = EtcdStore(url)
@@ -112,12 +133,15 @@ class GlobalScope:
         # Networks this host withdrew (deleted, or a create rolled back): a watch event
         # of their earlier publication, arriving late, must not mirror them back.
         self._withdrawn: set[str] = set()
+        # Rolled-back creations whose records etcd did not take back yet (it was away):
+        # withdrawn by the next resynchronisation.
+        self._to_withdraw: dict[str, NetworkRecord] = {}
         self._thread: threading.Thread | None = None
 
     def attach(self) -> None:
         """Hand the controller the global IPAM and the overlay driver, synchronise once
         (if etcd answers) and start the agent."""
-        self.ctl._ipam["default"] = self.ipam
+        self.ctl.use_ipam("default", self.ipam)
         self.ctl.registry.register(self.driver)
         try:
             self._watch_from = self.resync()
@@ -129,10 +153,33 @@ class GlobalScope:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the agent for good, so the controller may close both stores after.
+
+        The stop flag first; then the etcd sessions (the watch ends at once, every later
+        call fails at once, a call in flight within the client timeout); then a pass
+        through the controller's lock, so an agent step that holds it finishes and every
+        later step sees the flag; then the thread is joined."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         self.etcd.close()
+        with self.ctl.state_lock:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=self.etcd.timeout * 2 * len(self.etcd.url.endpoints) + 5)
+            if self._thread.is_alive():
+                _log.warning("the global scope's agent did not stop; it is stopped from here on")
+
+    @contextlib.contextmanager
+    def _agent_step(self) -> Iterator[None]:
+        """The controller's lock for one agent step on the local store; _Stopped once
+        close() was called (the store may be closed by then)."""
+        with self.ctl.state_lock:
+            if self._stop.is_set():
+                raise _Stopped
+            yield
+
+    def _check_stop(self) -> None:
+        if self._stop.is_set():
+            raise _Stopped
 
     def status(self) -> dict[str, Any]:
         return {
@@ -147,18 +194,24 @@ class GlobalScope:
     # --- networks (controller hooks) ------------------------------------------------
 
     def publish_network(self, rec: NetworkRecord) -> None:
-        """A new global-scope network: its name and record, or NameInUse if any host
-        has a network of that name."""
+        """A new global-scope network (or one whose delete was rolled back): its name
+        and record, or NameInUse if any host has a network of that name."""
         ok, _ = self.etcd.txn(
             [Compare.absent(f"names/{rec.name}")],
             [Put(f"names/{rec.name}", rec.id), Put(f"networks/{rec.id}", _network_json(rec))],
         )
         if not ok:
             raise errors.NameInUse("network", rec.name)
+        self._withdrawn.discard(rec.id)
+        self._to_withdraw.pop(rec.id, None)
 
     def withdraw_network(self, rec: NetworkRecord, *, check: bool = True) -> None:
         """Delete a global network's records; refused while any host has endpoints on
-        it (their addresses are allocated in the global pools)."""
+        it (their addresses are allocated in the global pools). The name claim goes only
+        if it is this network's (a stale mirror must not free another network's name).
+
+        With check=False (a creation rolled back) a withdrawal etcd could not take is
+        remembered and done by the next resynchronisation; the error is raised still."""
         if check:
             busy = []
             for pool in (*rec.ipv4, *rec.ipv6):
@@ -170,16 +223,24 @@ class GlobalScope:
                     ]
             if busy:
                 raise errors.ActiveEndpoints(rec.name, [f"{o[:12]} (another host)" for o in busy])
+        try:
+            self.etcd.txn(
+                [Compare.equals(f"names/{rec.name}", rec.id)],
+                [
+                    Delete(f"names/{rec.name}"),
+                    Delete(f"networks/{rec.id}"),
+                    Delete(f"peers/{rec.id}/", prefix=True),
+                ],
+                [Delete(f"networks/{rec.id}"), Delete(f"peers/{rec.id}/", prefix=True)],
+            )
+        except errors.StoreError:
+            if not check:  # its local record goes: it must not come back as a mirror
+                self._to_withdraw[rec.id] = rec
+                self._withdrawn.add(rec.id)
+                self._dirty.set()
+            raise
         self._withdrawn.add(rec.id)
-        self.etcd.txn(
-            [Compare(f"names/{rec.name}", "CREATE", 0, "NOT_EQUAL")],
-            [
-                Delete(f"names/{rec.name}"),
-                Delete(f"networks/{rec.id}"),
-                Delete(f"peers/{rec.id}/", prefix=True),
-            ],
-            [Delete(f"networks/{rec.id}"), Delete(f"peers/{rec.id}/", prefix=True)],
-        )
+        self._to_withdraw.pop(rec.id, None)
 
     def fetch_network(self, ref: str) -> NetworkRecord:
         """A global network not (yet) mirrored here, by name, id or unique id prefix."""
@@ -201,36 +262,50 @@ class GlobalScope:
         if len(found) > 1:
             raise errors.AmbiguousReference("network", ref, [k.key.split("/")[1] for k in found])
         rec = _network_record(found[0].value)
-        self._mirror_add(rec)
-        return self.ctl.store.network_by_id(rec.id) or rec
+        with self.ctl.state_lock:
+            self._mirror_add(rec)
+            return self.ctl.store.network_by_id(rec.id) or rec
 
     def _mirror_add(self, rec: NetworkRecord) -> None:
+        """Mirror a network published in etcd. Called under the controller's lock: the
+        checks and the write see every create, delete and withdrawal of this host whole
+        (a watch event or a resync read older than a withdrawal made meanwhile arrives
+        here only after it, and is dropped)."""
         if rec.id in self._withdrawn:
             return
         store = self.ctl.store
-        with self.ctl._lock:
-            if store.network_by_id(rec.id) is not None:
-                return
-            if store.network_by_name(rec.name) is not None:
-                _log.warning("global network %s hidden by a local one of that name", rec.name)
-                return
-            store.put_network(rec)
+        if store.network_by_id(rec.id) is not None:
+            return
+        if store.network_by_name(rec.name) is not None:
+            _log.warning("global network %s hidden by a local one of that name", rec.name)
+            return
+        store.put_network(rec)
 
     def _mirror_remove(self, network_id: str) -> None:
+        """Remove the mirror of a network withdrawn from etcd. Called under the
+        controller's lock; the event or read that asked may be older than a publication
+        made meanwhile (a network created here after a resync's read, a delete rolled
+        back and republished), so etcd is asked once more before anything goes."""
         store = self.ctl.store
-        with self.ctl._lock:
-            rec = store.network_by_id(network_id)
-            if rec is None or rec.scope == "local" or rec.state != "ready":
+        rec = store.network_by_id(network_id)
+        if rec is None or rec.scope == "local" or rec.state != "ready":
+            return
+        if store.count_endpoints(network_id):
+            _log.warning("network %s was deleted elsewhere but has endpoints here", rec.name)
+            return
+        try:
+            if self.etcd.get(f"networks/{network_id}") is not None:
                 return
-            if store.count_endpoints(network_id):
-                _log.warning("network %s was deleted elsewhere but has endpoints here", rec.name)
-                return
-            try:
-                self.driver.forget_network(network_id)
-            except errors.CNMError as exc:
-                _log.warning("overlay %s: %s", network_id[:12], exc)
-            store.delete_network(network_id)
-            self.ctl._announced.discard((rec.driver, network_id))
+        except errors.StoreError as exc:  # the next resynchronisation decides
+            _log.warning("network %s: cannot confirm its removal: %s", rec.name, exc)
+            self._dirty.set()
+            return
+        try:
+            self.driver.forget_network(network_id)
+        except errors.CNMError as exc:
+            _log.warning("overlay %s: %s", network_id[:12], exc)
+        store.delete_network(network_id)
+        self.ctl.network_forgotten(rec)
 
     # --- peers (controller hooks) ---------------------------------------------------
 
@@ -278,7 +353,12 @@ class GlobalScope:
     # --- resynchronisation ----------------------------------------------------------
 
     def resync(self) -> int:
-        """Full resynchronisation from one consistent read; returns its revision."""
+        """Full resynchronisation from one consistent read; returns its revision. The
+        agent's stop is checked between the steps (raising _Stopped)."""
+        for rec in list(self._to_withdraw.values()):
+            self._check_stop()
+            self.withdraw_network(rec, check=False)
+        self._check_stop()
         kvs, rev = self.etcd.range("")
         nets: dict[str, NetworkRecord] = {}
         peers: dict[str, dict[str, PeerEntry]] = {}
@@ -292,24 +372,28 @@ class GlobalScope:
                     mine[kv.key] = kv.value
                 else:
                     peers.setdefault(parts[1], {})[parts[2]] = _peer(kv.value)
-        for rec in nets.values():
-            self._mirror_add(rec)
-        for rec in self.ctl.store.networks():
-            if rec.scope != "local" and rec.driver == self.driver.name and rec.id not in nets:
-                self._mirror_remove(rec.id)
-        # This host's peer records: exactly its joined overlay endpoints.
-        self._dirty.clear()
-        want = self._own_peers(e for e in self.ctl.store.endpoints() if e.join_state == "joined")
+        with self._agent_step():
+            for rec in nets.values():
+                self._mirror_add(rec)
+            for rec in self.ctl.store.networks():
+                if rec.scope != "local" and rec.driver == self.driver.name and rec.id not in nets:
+                    self._mirror_remove(rec.id)
+            # This host's peer records: exactly its joined overlay endpoints.
+            self._dirty.clear()
+            joined = [e for e in self.ctl.store.endpoints() if e.join_state == "joined"]
+            want = self._own_peers(joined)
         puts = {k: v for k, v in want.items() if mine.get(k) != v}
         stale = [k for k in mine if k not in want]
+        self._check_stop()
         if puts or stale:
             self.etcd.put_many(puts, stale)
         for nid in {*nets, *peers}:
             self.driver.load_peers(nid, peers.get(nid, {}))
-        with self.ctl._lock:
+        with self._agent_step():
             for rec in self.ctl.store.networks():
                 if rec.driver == self.driver.name and rec.state == "ready":
-                    self.ctl._driver_for(rec)
+                    self.ctl.announce_network(rec)
+        self._check_stop()
         fixed = self.driver.sync()
         self.repairs += fixed
         self.resyncs += 1
@@ -323,9 +407,10 @@ class GlobalScope:
             parts = kv.key.split("/")
             if len(parts) == 3 and kv.value and kv.value.get("host") != self.host:
                 peers.setdefault(parts[1], {})[parts[2]] = _peer(kv.value)
-        for rec in self.ctl.store.networks():
-            if rec.driver == self.driver.name:
-                self.driver.load_peers(rec.id, peers.get(rec.id, {}))
+        with self.ctl.state_lock:
+            nets = [r.id for r in self.ctl.store.networks() if r.driver == self.driver.name]
+        for nid in nets:
+            self.driver.load_peers(nid, peers.get(nid, {}))
 
     def apply(self, events: Sequence[Event]) -> None:
         """Watch events: networks mirrored, peers programmed (one batch per network)."""
@@ -334,10 +419,11 @@ class GlobalScope:
         for ev in events:
             parts = ev.key.split("/")
             if parts[0] == "networks" and len(parts) == 2:
-                if ev.type == "PUT" and ev.value:
-                    self._mirror_add(_network_record(ev.value))
-                elif ev.type == "DELETE":
-                    self._mirror_remove(parts[1])
+                with self._agent_step():
+                    if ev.type == "PUT" and ev.value:
+                        self._mirror_add(_network_record(ev.value))
+                    elif ev.type == "DELETE":
+                        self._mirror_remove(parts[1])
             elif parts[0] == "peers" and len(parts) == 3:
                 nid, eid = parts[1], parts[2]
                 if ev.type == "PUT" and ev.value:
@@ -350,10 +436,10 @@ class GlobalScope:
                     removes.setdefault(nid, []).append(eid)
                     adds.get(nid, {}).pop(eid, None)
         for nid in {*adds, *removes}:
-            with self.ctl._lock:
+            with self._agent_step():
                 rec = self.ctl.store.network_by_id(nid)
                 if rec is not None and rec.state == "ready":
-                    self.ctl._driver_for(rec)
+                    self.ctl.announce_network(rec)
             try:
                 self.driver.update_peers(nid, adds.get(nid, {}), removes.get(nid, []))
             except errors.CNMError as exc:
@@ -373,6 +459,10 @@ class GlobalScope:
         q.put(_LOST)
 
     def _run(self) -> None:
+        with contextlib.suppress(_Stopped):
+            self._loop()
+
+    def _loop(self) -> None:
         backoff = BACKOFF_MIN
         while not self._stop.is_set():
             if not self.connected:

@@ -25,6 +25,9 @@ MAX_NAME_LEN = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _HEX_RE = re.compile(r"[0-9a-f]+\Z")
 _MAC_RE = re.compile(r"([0-9A-Fa-f]{2})([:-][0-9A-Fa-f]{2}){5}\Z")
+# What the kernel takes as a network interface name (dev_valid_name): 1-15 bytes, no
+# whitespace, '/' or ':', and not "." or "..".
+_IFNAME_RE = re.compile(r"[^\s/:\x00]{1,15}\Z")
 
 State = Literal["creating", "ready", "deleting"]
 
@@ -49,6 +52,27 @@ def validate_name(kind: str, name: object) -> str:
             f"invalid {kind} name {name!r}: only [A-Za-z0-9][A-Za-z0-9_.-]* is allowed"
         )
     return name
+
+
+def is_interface_name(value: object) -> bool:
+    """Whether `value` is a name the kernel accepts for a network interface."""
+    return (
+        isinstance(value, str)
+        and _IFNAME_RE.match(value) is not None
+        and len(value.encode()) <= 15
+        and value not in (".", "..")
+    )
+
+
+def validate_interface_name(value: object, what: str = "interface name") -> str:
+    """An interface name (1-15 bytes, no whitespace, '/' or ':', not "." or "..")."""
+    if not is_interface_name(value):
+        raise errors.InvalidParameter(
+            f"{what} {value!r} is not a usable interface name "
+            "(1-15 characters, no spaces, '/' or ':')"
+        )
+    assert isinstance(value, str)
+    return value
 
 
 def parse_mac(value: object) -> str:

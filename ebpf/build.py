@@ -83,3 +83,14 @@ def build_all(out_dir: Path = OBJ_DIR, *, force: bool = False) -> list[Path]:
             compile_program(source, output, clang=clang)
         built.append(output)
     return built
+
+
+if __name__ == "__main__":  # `python ebpf/build.py`: build now, clang's errors on stderr
+    import sys
+
+    try:
+        for path in build_all():
+            print(path)
+    except BuildError as exc:
+        print(f"BPF objects not built: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -7,7 +7,8 @@
 - `Map` and `Program`: live kernel handles (file descriptors) that outlive the object;
   opened from an object, or from a pin with `Map.from_pin` / `Program.from_pin`.
 - `ensure_bpffs`, `pin`, `unpin_dir`: cnm's directory on a bpf filesystem (mounted when
-  absent), objects pinned with mode 0600.
+  absent), objects pinned with mode 0600. `PinLock`: the exclusive lock every process
+  takes on a pin root before it loads, picks up or removes pins there.
 - `tc_attach`, `tc_detach`, `tc_query`: a program on the clsact ingress/egress hook of an
   interface, in the calling namespace or in the one at a given path.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as E
+import fcntl
 import logging
 import os
 import platform
@@ -302,6 +304,11 @@ class Map(_Handle):
         map_type, _id, key_size, value_size, max_entries = struct.unpack_from("<5I", info)
         name = os.path.basename(os.fspath(path))
         return cls(fd, name, map_type, key_size, value_size, max_entries)
+
+    @property
+    def id(self) -> int:
+        """The kernel's id of the map (equal ids: the same map, whoever opened it)."""
+        return struct.unpack_from("<I", self._info(40), 4)[0]
 
     def _key(self, key: bytes) -> bytes:
         if len(key) != self.key_size:
@@ -635,14 +642,24 @@ def _mounts() -> list[tuple[str, str]]:
     return out
 
 
+def _under(path: str, point: str) -> bool:
+    return path == point or path.startswith(point.rstrip("/") + "/")
+
+
 def fs_type(path: str) -> str | None:
-    """The file system type that holds `path` (the innermost mount covering it)."""
+    """The file system type that holds `path` (the innermost visible mount covering it).
+
+    A later mount at P hides every earlier mount at or below P (e.g. a fresh sysfs on
+    /sys hides a bpffs that was mounted on the old /sys/fs/bpf), so those are dropped."""
     real = os.path.realpath(path)
-    best: tuple[int, str] | None = None
+    # Only mounts covering `path` matter: one that does not cover it cannot hide one that
+    # does (it would have to sit at or above it, and so cover `path` too).
+    covering: list[tuple[str, str]] = []
     for point, fstype in _mounts():
-        covers = real == point or real.startswith(point.rstrip("/") + "/")
-        if covers and (best is None or len(point) >= best[0]):
-            best = (len(point), fstype)
+        if _under(real, point):
+            covering = [(p, t) for p, t in covering if not _under(p, point)]
+            covering.append((point, fstype))
+    best = max(covering, key=lambda c: len(c[0]), default=None)
     return best[1] if best else None
 
 
@@ -660,15 +677,80 @@ def ensure_bpffs(root: str | os.PathLike[str] = DEFAULT_PIN_ROOT) -> str:
         point = BPFFS_DEFAULT_MOUNT if below_default else root
         if fs_type(point) != "bpf":
             os.makedirs(point, mode=0o700, exist_ok=True)
+            # Two processes must not both mount (the second mount would hide the first's
+            # pins): the look and the mount happen under a lock on the directory.
+            fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                netns.mount("bpf", point, "bpf", 0, "mode=0700")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if fs_type(point) != "bpf":
+                    netns.mount("bpf", point, "bpf", 0, "mode=0700")
             except OSError as exc:
                 raise errors.PinError(point, "mount bpffs at", exc.errno) from exc
+            finally:
+                os.close(fd)
     os.makedirs(root, mode=0o700, exist_ok=True)
     if fs_type(root) != "bpf":
         raise errors.PinError(root, "use", None, "not on a bpf file system")
     os.chmod(root, 0o700)
     return root
+
+
+class PinLock:
+    """An exclusive `flock` on a pin root, held by one process (and one thread) at a time
+    while it loads, picks up or removes the pins under it: without it, two processes on
+    one state directory could both load and pin, and one would keep a map nobody else
+    sees. A bpf file system holds no regular files, so the lock is on the directory
+    itself; a root removed and made again while a process waited is locked anew.
+    Re-entrant within one holder; released at the end of the outermost `with`."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        self._mutex = threading.RLock()
+        self._fd = -1
+        self._depth = 0
+
+    @property
+    def held(self) -> bool:
+        return self._fd >= 0
+
+    def __enter__(self) -> PinLock:
+        self._mutex.acquire()
+        try:
+            if self._depth == 0:
+                self._fd = self._lock()
+            self._depth += 1
+        except BaseException:
+            self._mutex.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            _close_fd(self._fd)  # closing the descriptor drops the lock
+            self._fd = -1
+        self._mutex.release()
+
+    def _lock(self) -> int:
+        while True:
+            try:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                ensure_bpffs(self.root)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                held = os.fstat(fd)
+                try:
+                    now = os.stat(self.root)
+                except FileNotFoundError:
+                    now = None
+            except OSError as exc:
+                _close_fd(fd)
+                raise errors.PinError(self.root, "lock", exc.errno) from exc
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            _close_fd(fd)  # the root went (and maybe came back) while this one waited
 
 
 def unpin_dir(path: str | os.PathLike[str]) -> None:

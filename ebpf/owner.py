@@ -7,6 +7,12 @@ owner whose configuration matches the pinned one picks everything up without loa
 one whose configuration differs (or asked for `reload=True`) loads the programs again
 and keeps the pinned maps, so their entries survive. Programs are pinned last: a program
 pin means its maps were pinned before it.
+
+Several processes may own the same pin root (a CLI, an agent and a plugin server on one
+state directory): loading, picking up and unpinning happen under the root's `PinLock`,
+so they all end up on the one pinned map. A process whose map was unpinned behind its
+back (by `unpin` in another) notices with `ensure_current`, under the same lock, and
+loads or picks up again before it writes entries.
 """
 
 from __future__ import annotations
@@ -82,6 +88,8 @@ class ProgramOwner:
         self.programs: dict[str, Program] = {}
         self.maps: dict[str, Map] = {}
         self.picked_up = False  # True when load() took an earlier owner's pins
+        self.lock = loader.PinLock(self.pin_root)  # shared with every process on the root
+        self._pin_ino: int | None = None  # the inode of the watched map's pin when loaded
 
     # -- configuration, set by each owner ---------------------------------------------
 
@@ -137,27 +145,64 @@ class ProgramOwner:
         if self.loaded:
             return
         loader.ensure_bpffs(self.pin_root)
-        os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
         obj = self._open_object()
         try:
-            if not reload and self._all_pinned():
-                maps = self._pinned_maps()
-                if len(maps) == len(self.map_layouts) and (
-                    obj is None or self._pinned_config() == obj.rodata()
-                ):
-                    self.maps = maps
-                    self.programs = {n: Program.from_pin(self._pin(n)) for n in self.program_names}
-                    self.picked_up = True
-                    return
-                for m in maps.values():
-                    m.close()
-            if obj is None:
-                loader.object_path(self.object_name, self.obj_dir)  # raises ObjectsNotBuilt
-                raise AssertionError("unreachable")
-            self._load_new(obj)
+            with self.lock:
+                os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
+                if not reload and self._all_pinned():
+                    maps = self._pinned_maps()
+                    if len(maps) == len(self.map_layouts) and (
+                        obj is None or self._pinned_config() == obj.rodata()
+                    ):
+                        self.maps = maps
+                        self.programs = {
+                            n: Program.from_pin(self._pin(n)) for n in self.program_names
+                        }
+                        self.picked_up = True
+                        self._pin_ino = self._watched_pin()
+                        return
+                    for m in maps.values():
+                        m.close()
+                if obj is None:
+                    loader.object_path(self.object_name, self.obj_dir)  # raises ObjectsNotBuilt
+                    raise AssertionError("unreachable")
+                self._load_new(obj)
+                self._pin_ino = self._watched_pin()
         finally:
             if obj is not None:
                 obj.close()
+
+    def _watched_pin(self) -> int | None:
+        """The inode of the first entry map's pin (None: not pinned): a new inode means
+        the pins were removed (and maybe made again) since."""
+        try:
+            return os.stat(self._pin(self.entry_maps[0])).st_ino
+        except FileNotFoundError:
+            return None
+
+    def ensure_current(self, *, load: bool = True) -> bool:
+        """Hold the maps the pins hold: when another process removed the pins (and maybe
+        loaded anew) since this one loaded, close the stale handles and load or pick up
+        again. With load=False, pins that are gone are left gone (the stale maps are
+        kept: they were empty when unpinned, a reader may use them). Call it under
+        `self.lock`; True when it loaded or picked up again."""
+        self._need_loaded()
+        if not self.lock.held:
+            raise errors.NotLoaded(f"{self.object_name}: ensure_current() needs the pin lock")
+        ino = self._watched_pin()
+        if ino is not None and ino == self._pin_ino:
+            return False
+        if ino is None and not load:
+            return False
+        if ino is not None:
+            name = self.entry_maps[0]
+            with Map.from_pin(self._pin(name)) as pinned:
+                if pinned.id == self.maps[name].id:  # pinned again, the same map
+                    self._pin_ino = ino
+                    return False
+        self.close()
+        self.load()
+        return True
 
     def _pinned_config(self) -> bytes | None:
         with Map.from_pin(self._pin(CONFIG_PIN)) as m:
@@ -176,7 +221,8 @@ class ProgramOwner:
         programs = {name: obj.program(name) for name in self.program_names}
         with obj.rodata_map() as config:
             for name, m in maps.items():
-                m.pin(self._pin(name))
+                if name not in kept:  # a kept map is pinned already: its pin stays
+                    m.pin(self._pin(name))
             config.pin(self._pin(CONFIG_PIN))
         for name, p in programs.items():
             p.pin(self._pin(name))
@@ -235,7 +281,10 @@ class ProgramOwner:
 
     def unpin(self) -> None:
         """Remove the pins (attached programs keep running until detached)."""
-        loader.unpin_dir(self.pin_dir)
+        if not os.path.isdir(self.pin_dir):
+            return
+        with self.lock:
+            loader.unpin_dir(self.pin_dir)
 
     def __enter__(self) -> Any:
         self.load()

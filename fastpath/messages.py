@@ -59,6 +59,12 @@ RTM_GETROUTE = 26
 RTM_NEWNEIGH = 28
 RTM_DELNEIGH = 29
 RTM_GETNEIGH = 30
+RTM_NEWQDISC = 36
+RTM_DELQDISC = 37
+RTM_GETQDISC = 38
+RTM_NEWTFILTER = 44
+RTM_DELTFILTER = 45
+RTM_GETTFILTER = 46
 
 AF_UNSPEC = 0
 AF_INET = 2
@@ -180,6 +186,18 @@ NDA_VNI = 7
 NDA_IFINDEX = 8
 NDA_MASTER = 9
 
+# tcmsg (traffic control: the clsact qdisc and BPF filters on it)
+TCA_KIND = 1
+TCA_OPTIONS = 2
+TCA_BPF_FD = 6
+TCA_BPF_NAME = 7
+TCA_BPF_FLAGS = 8
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT = 0xFFFFFFF1  # also TC_H_INGRESS: the clsact qdisc's parent
+TC_H_MIN_INGRESS = 0xFFF2
+TC_H_MIN_EGRESS = 0xFFF3
+ETH_P_ALL = 0x0003
+
 NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
@@ -244,6 +262,7 @@ IFINFOMSG = "BxHiII"  # family, type, index, flags, change
 IFADDRMSG = "BBBBI"  # family, prefixlen, flags, scope, index
 RTMSG = "BBBBBBBBI"  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 NDMSG = "BxxxiHBB"  # family, ifindex, state, flags, type
+TCMSG = "BxxxiIII"  # family, ifindex, handle, parent, info
 NLMSGERR = "iIHHII"  # error, then the request's nlmsghdr
 DONE = "i"
 
@@ -261,6 +280,12 @@ HEADER_OF_TYPE: dict[int, str] = {
     RTM_NEWNEIGH: NDMSG,
     RTM_DELNEIGH: NDMSG,
     RTM_GETNEIGH: NDMSG,
+    RTM_NEWQDISC: TCMSG,
+    RTM_DELQDISC: TCMSG,
+    RTM_GETQDISC: TCMSG,
+    RTM_NEWTFILTER: TCMSG,
+    RTM_DELTFILTER: TCMSG,
+    RTM_GETTFILTER: TCMSG,
     NLMSG_ERROR: NLMSGERR,
     NLMSG_DONE: DONE,
 }
@@ -377,6 +402,15 @@ POLICIES: dict[str, Policy] = {
         NDA_IFINDEX: ("NDA_IFINDEX", U32, ""),
         NDA_MASTER: ("NDA_MASTER", U32, ""),
     },
+    "tc": {
+        TCA_KIND: ("TCA_KIND", STR, ""),
+        TCA_OPTIONS: ("TCA_OPTIONS", NESTED, "tc_bpf"),
+    },
+    "tc_bpf": {
+        TCA_BPF_FD: ("TCA_BPF_FD", U32, ""),
+        TCA_BPF_NAME: ("TCA_BPF_NAME", STR, ""),
+        TCA_BPF_FLAGS: ("TCA_BPF_FLAGS", U32, ""),
+    },
     "nlmsgerr": {
         NLMSGERR_ATTR_MSG: ("NLMSGERR_ATTR_MSG", STR, ""),
         NLMSGERR_ATTR_OFFS: ("NLMSGERR_ATTR_OFFS", U32, ""),
@@ -398,6 +432,12 @@ POLICY_OF_TYPE: dict[int, str] = {
     RTM_NEWNEIGH: "neigh",
     RTM_DELNEIGH: "neigh",
     RTM_GETNEIGH: "neigh",
+    RTM_NEWQDISC: "tc",
+    RTM_DELQDISC: "tc",
+    RTM_GETQDISC: "tc",
+    RTM_NEWTFILTER: "tc",
+    RTM_DELTFILTER: "tc",
+    RTM_GETTFILTER: "tc",
     NLMSG_ERROR: "nlmsgerr",
     # A dump that fails part-way ends with NLMSG_DONE carrying -errno and ext-ack attrs.
     NLMSG_DONE: "nlmsgerr",

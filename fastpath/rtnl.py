@@ -10,6 +10,7 @@ Sequence numbers are filled in by the transport.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -214,6 +215,31 @@ def bridge_port(name: str, *, hairpin: bool | None = None, isolated: bool | None
         Attr(m.IFLA_LINKINFO, m.NESTED, [Attr(m.IFLA_INFO_SLAVE_DATA, m.NESTED, data)]),
     ]
     return Message(m.RTM_NEWLINK, REQUEST, 0, 0, _ifinfo(), attrs)
+
+
+def clsact(ifindex: int) -> Message:
+    """Add the clsact qdisc (the hook for TC BPF programs) to a link; EEXIST when it has
+    one already."""
+    header = (m.AF_UNSPEC, ifindex, 0xFFFF0000, m.TC_H_CLSACT, 0)
+    return Message(m.RTM_NEWQDISC, CREATE, 0, 0, header, [Attr(m.TCA_KIND, m.STR, "clsact")])
+
+
+def bpf_filter(
+    ifindex: int, prog_fd: int, name: str, *, ingress: bool = True, prio: int = 1, handle: int = 1
+) -> Message:
+    """Attach a loaded SCHED_CLS program (by fd) in direct-action mode to the link's
+    clsact hook, replacing the filter at (prio, handle) if there is one."""
+    parent = (m.TC_H_CLSACT & 0xFFFF0000) | (m.TC_H_MIN_INGRESS if ingress else m.TC_H_MIN_EGRESS)
+    info = (prio << 16) | socket.htons(m.ETH_P_ALL)
+    options = [
+        Attr(m.TCA_BPF_FD, m.U32, prog_fd),
+        Attr(m.TCA_BPF_NAME, m.STR, name),
+        Attr(m.TCA_BPF_FLAGS, m.U32, m.TCA_BPF_FLAG_ACT_DIRECT),
+    ]
+    attrs = [Attr(m.TCA_KIND, m.STR, "bpf"), Attr(m.TCA_OPTIONS, m.NESTED, options)]
+    return Message(
+        m.RTM_NEWTFILTER, REPLACE, 0, 0, (m.AF_UNSPEC, ifindex, handle, parent, info), attrs
+    )
 
 
 def link_get(name: str) -> Message:

@@ -23,10 +23,12 @@ Batch semantics (what callers rely on to roll back exactly):
 from __future__ import annotations
 
 import errno as _errno
+import fcntl
 import os
 import random
 import resource
 import socket
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 _RECV_SIZE = 1 << 20
+_SIOCGIFINDEX = 0x8933
 
 
 class NetlinkError(OSError):
@@ -158,7 +161,13 @@ class NetlinkSocket:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._sock.close()
+        with self._lock:  # never under a batch another thread is sending
+            self._sock.close()
+
+    def __del__(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close()
 
     def __enter__(self) -> NetlinkSocket:
         return self
@@ -168,6 +177,19 @@ class NetlinkSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def ifindex(self, name: str) -> int:
+        """The index of the link `name` in this socket's namespace (SIOCGIFINDEX on the
+        socket: no netlink round trip and no link message to decode). NetlinkError
+        ENODEV when there is none."""
+        raw = name.encode()
+        if not raw or len(raw) > 15 or b"\0" in raw:  # the kernel would cut it to 15 bytes
+            raise NetlinkError(_errno.ENODEV, f"no link {name!r}")
+        try:
+            reply = fcntl.ioctl(self._sock.fileno(), _SIOCGIFINDEX, struct.pack("16s24x", raw))
+            return int(struct.unpack_from("16xi", reply)[0])
+        except OSError as exc:
+            raise NetlinkError(exc.errno or _errno.EIO, f"no link {name}") from None
 
     def _recv(self) -> list[Message]:
         rbuf = _recv_buffer()
@@ -328,12 +350,15 @@ def _cache_limit() -> int:
 
 
 def _remember(key: tuple[str | None, int, int, str], sock: NetlinkSocket) -> None:
-    """Cache `sock` (lock held), evicting the least recently used sandbox sockets."""
+    """Cache `sock` (lock held), evicting the least recently used sandbox sockets.
+
+    An evicted socket is only dropped from the cache, not closed: a thread may still be
+    using it; it closes when its last user lets go of it (NetlinkSocket.__del__)."""
     _sockets[key] = sock
     excess = len(_sockets) - _cache_limit()
     if excess > 0:
         for old in [k for k in _sockets if k[0] is not None and k != key][:excess]:
-            _sockets.pop(old).close()
+            del _sockets[old]
 
 
 def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> NetlinkSocket:

@@ -24,8 +24,20 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "run.sh: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # docker.io and etcd-server would start system services (a host dockerd rewrites the
+  # firewall): the tests start their own private ones, so keep the packages' services from
+  # starting while they install, unless the host already says so.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if trap -p EXIT | grep -q policy-rc.d; then
+    rm -f /usr/sbin/policy-rc.d
+    trap - EXIT
+  fi
 fi
 
 # Debian's own Python 3.11 (the one a fresh machine has), in a venv of the project's.
@@ -40,6 +52,20 @@ if [ "$(cat "$VENV/.cnm-installed" 2>/dev/null)" != "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" 
   "$VENV/bin/python" -m pip install -q -e ".[test]"
   echo "$stamp" > "$VENV/.cnm-installed"
+fi
+# The install builds the BPF objects when clang is there, but a failed build only warns
+# (and -q hides it): build again here, so clang's errors show, and stop when it fails.
+if command -v "${CNM_CLANG:-clang}" >/dev/null 2>&1; then
+  for src in ebpf/src/*.bpf.c; do
+    obj=ebpf/$(basename "${src%.c}").o
+    if [ ! -f "$obj" ]; then
+      if ! "$VENV/bin/python" ebpf/build.py >/dev/null || [ ! -f "$obj" ]; then
+        echo "run.sh: clang is installed but $obj was not built (clang's errors are above);" \
+          "the eBPF data path and its tests need it" >&2
+        exit 1
+      fi
+    fi
+  done
 fi
 
 job=${1:-setup}

@@ -11,6 +11,7 @@ server on a unix socket (or TCP) that speaks spec/remote-protocol.md as a plugin
   `<pool_prefix>/<pool>` when a prefix is given, as real IPAM plugins name them as they
   like), addresses handed out from the first free host address, the gateway first.
 - GwAllocChecker when `skip_gateway` is set: GwAllocCheck answers it (SkipIPv4, SkipIPv6).
+- RequiresMACAddress when `requires_mac` is set (IpamDriver.GetCapabilities).
 - Switchable misbehaviours per method (`misbehave`): hang, close (crash), garbage,
   err (the error field set), 500, 404, and `change_address` (a CreateEndpoint reply
   that changes the address it was given, after the endpoint was made), `bad_join` (a
@@ -75,8 +76,10 @@ class PeerPlugin:
         fill_mac: bool = True,
         pool_prefix: str | None = None,
         skip_gateway: tuple[bool, bool] | None = None,
+        requires_mac: bool = False,
     ) -> None:
         self.kernel = kernel
+        self.requires_mac = requires_mac
         self.pool_prefix = pool_prefix
         self.skip_gateway = skip_gateway
         self.implements = list(implements)
@@ -317,7 +320,7 @@ class PeerPlugin:
     # --- IpamDriver ----------------------------------------------------------------
 
     def do_IpamDriver_GetCapabilities(self, body: dict) -> dict:
-        return {"RequiresMACAddress": False}
+        return {"RequiresMACAddress": self.requires_mac}
 
     def do_IpamDriver_GetDefaultAddressSpaces(self, body: dict) -> dict:
         return {"LocalDefaultAddressSpace": LOCAL_SPACE, "GlobalDefaultAddressSpace": GLOBAL_SPACE}

@@ -12,7 +12,7 @@ ICC) and the program attached to its host end, so traffic between containers of 
 network skips the bridge; what the policy forbids (ICC off, other networks) is left to
 the kernel path and blocked there as before. A leave removes the entries (the device,
 and with it the attachment, goes with the graveyard). The container's address and MAC
-come from `SandboxInfo.interface` (or what create_endpoint saw, for join_on_host).
+come from `SandboxInfo.interface` (join_on_host's `interface`; else what create_endpoint saw).
 
 Routed datapath (`com.cnm.bridge.datapath=routed`, IPv4 only): past a bridge's 1024 ports.
 The container ends are not bridge ports: each host end gets forwarding and proxy ARP on
@@ -50,12 +50,11 @@ from ..driverapi import (
 from ..osl.accel import AccelEndpoint, Accelerator
 from ..osl.firewall import Firewall, NetworkRules
 from ..osl.links import GRAVEYARD_GROUP, HostLinks, VethIntoSandbox
-from ..types import Repair
+from ..types import Repair, is_interface_name
 
 _log = logging.getLogger(__name__)
 
 MAX_PORTS = 1024  # a Linux bridge refuses its 1025th port (BR_MAX_PORTS)
-_IFNAME_RE = re.compile(r"[^\s/:]{1,15}\Z")
 HOST_PREFIX = "vc"
 PEER_PREFIX = "cnm"
 HOST_NETNS = "/proc/self/ns/net"  # join_on_host: the container end stays here
@@ -81,7 +80,7 @@ class BridgeOptions(DriverOptions):
             raise errors.InvalidParameter(
                 f"option 'com.cnm.bridge.datapath': {self.datapath!r} is not one of {DATAPATHS}"
             )
-        if self.bridge_name is not None and not _IFNAME_RE.match(self.bridge_name):
+        if self.bridge_name is not None and not is_interface_name(self.bridge_name):
             raise errors.InvalidParameter(
                 f"option 'com.docker.network.bridge.name': {self.bridge_name!r} is not a "
                 "usable interface name (1-15 characters, no spaces, '/' or ':')"
@@ -402,11 +401,16 @@ class BridgeDriver:
                 self.accel.remove([added])
             self.links.delete(specs[i].host_name)
 
-    def join_on_host(self, network_id: str, endpoint_id: str) -> JoinInfo:
+    def join_on_host(
+        self, network_id: str, endpoint_id: str, interface: InterfaceInfo | None = None
+    ) -> JoinInfo:
         """A join for an engine that moves the interface into its own sandbox itself (the
         plugin server; spec/remote-protocol.md, Join): the pair's container end is made in
-        the host namespace, named `peer_name(endpoint_id)`, for the engine to move in."""
-        info = self.join(network_id, endpoint_id, SandboxInfo(endpoint_id, HOST_NETNS, ""))
+        the host namespace, named `peer_name(endpoint_id)`, for the engine to move in.
+        `interface` (addresses, MAC) feeds the routed datapath and the BPF redirect, as
+        `SandboxInfo.interface` does for a normal join."""
+        sandbox = SandboxInfo(endpoint_id, HOST_NETNS, "", interface=interface)
+        info = self.join(network_id, endpoint_id, sandbox)
         return JoinInfo(
             src_name=info.src_name,
             in_sandbox=False,
@@ -422,21 +426,25 @@ class BridgeDriver:
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None:
         names = [host_name(eid) for _, eid in items]
-        if self.accel.in_use:
-            # The map entry is what matters (the attachment goes with the device): by the
-            # address the join entered, else (a join by another process) by host end.
-            known: list[ipaddress.IPv4Address] = []
-            unknown: list[str] = []
-            for (_, eid), name in zip(items, names, strict=True):
-                addr = self._bpf.pop(eid, None)
-                if addr is not None:
-                    known.append(addr)
-                else:
-                    unknown.append(name)
-            self.accel.remove(known)
-            if unknown:
-                self.accel.remove_ifindexes(i for i in self.links.indexes(unknown) if i)
-        self.links.retire(names)
+        try:
+            if self.accel.in_use:
+                # The map entry is what matters (the attachment goes with the device): by
+                # the address the join entered, else (a join by another process) by host end.
+                known: list[ipaddress.IPv4Address] = []
+                unknown: list[str] = []
+                for (_, eid), name in zip(items, names, strict=True):
+                    addr = self._bpf.pop(eid, None)
+                    if addr is not None:
+                        known.append(addr)
+                    else:
+                        unknown.append(name)
+                self.accel.remove(known)
+                if unknown:
+                    self.accel.remove_ifindexes(i for i in self.links.indexes(unknown) if i)
+        finally:
+            # The host ends go even when the map could not be updated (the error is raised
+            # after): a leave never leaks them.
+            self.links.retire(names)
 
     # --- repair ---------------------------------------------------------------------
 

@@ -7,10 +7,13 @@ interface fields the request left empty; anything else is refused and the endpoi
 deleted at the plugin before the error is raised. A Join reply that cannot be used is
 refused and the join undone with Leave. The interface a Join names (`SrcName`) is made
 by the plugin on the host; the controller moves it into the sandbox, renames it
-`DstPrefix` + index and applies addresses, gateway and routes. The plugin's own
-options pass through untouched under `com.docker.network.generic`. A plugin that
-declares GwAllocChecker is asked GwAllocCheck before a network's addresses are
-requested (`skip_gateway_allocation`), with the same Options as CreateNetwork.
+`DstPrefix` + index and applies addresses, gateway and routes. Before the move, osl
+refuses (UnsafeInterface, and the join is undone with Leave) an interface that cannot be
+a fresh plugin interface: the loopback, one with an IP address or a host default route.
+The plugin's own options pass through untouched under `com.docker.network.generic`.
+A plugin that declares GwAllocChecker is asked GwAllocCheck before a network's
+addresses are requested (`skip_gateway_allocation`), with the same Options as
+CreateNetwork.
 
 Known limit, shared with the engine: a Join that fails at the transport (no reply
 within the timeout, connection closed, a non-200 status, an error reply) is not
@@ -26,7 +29,6 @@ controller's rollback deletes every endpoint of the batch, the failed one includ
 from __future__ import annotations
 
 import ipaddress
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,15 +46,14 @@ from ..driverapi import (
     StaticRoute,
 )
 from ..plugins import Plugin, Plugins
-from ..types import IPAddress, PoolData, parse_mac
+from ..types import IPAddress, PoolData, is_interface_name, parse_mac
 
 SUBSYSTEM = "NetworkDriver"
-SCOPES = ("local", "global", "swarm")
+SCOPES = ("local", "global")  # any other Scope fails registration
 GENERIC = "com.docker.network.generic"
 ENABLE_IPV4 = "com.docker.network.enable_ipv4"
 ENABLE_IPV6 = "com.docker.network.enable_ipv6"
 INTERNAL = "com.docker.network.internal"
-_IFNAME_RE = re.compile(r"[^\s/:]{1,15}\Z")
 _IFACE_FIELDS = (
     ("Address", "ipv4_address"),
     ("AddressIPv6", "ipv6_address"),
@@ -298,7 +299,7 @@ class RemoteDriver:
         src = names.get("SrcName") or None
         prefix = names.get("DstPrefix") or "eth"
         for key, value in (("SrcName", src), ("DstPrefix", prefix)):
-            if value is not None and (not isinstance(value, str) or not _IFNAME_RE.match(value)):
+            if value is not None and not is_interface_name(value):
                 raise self._fail("Join", f"InterfaceName.{key} {value!r} is not an interface name")
         if len(prefix) > 12:
             raise self._fail(

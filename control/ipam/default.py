@@ -17,20 +17,20 @@ from collections.abc import Callable, Mapping, Sequence
 from .. import errors
 from ..store.sqlite import SQLiteStore
 from ..types import IPAddress, IPInterface, IPNetwork, new_id
-from .api import (
-    AUX_ADDRESS_TYPE,
-    GATEWAY_ADDRESS_TYPE,
-    REQUEST_ADDRESS_TYPE,
-    PoolRequest,
-    PoolResult,
-)
+from .api import PoolRequest, PoolResult
 from .pools import (
     GLOBAL_DEFAULT,
     GLOBAL_POOLS,
     LOCAL_DEFAULT,
     LOCAL_POOLS,
     PoolSpec,
+    address_kind,
+    check_assignable,
+    check_pool_request,
+    endpoint_range,
+    host_range,
     host_routes,
+    make_pool_id,
     ula_pool,
 )
 
@@ -43,13 +43,6 @@ def _blob(value: int) -> bytes:
 
 def _int(blob: bytes) -> int:
     return int.from_bytes(blob, "big")
-
-
-def _host_range(net: IPNetwork) -> tuple[int, int]:
-    """First and last assignable address: never the network address or IPv4 broadcast."""
-    lo = int(net.network_address) + 1
-    hi = int(net.broadcast_address) - (1 if net.version == 4 else 0)
-    return lo, hi
 
 
 @functools.lru_cache(maxsize=1024)
@@ -88,6 +81,12 @@ class DefaultIpam:
     def default_address_spaces(self) -> tuple[str, str]:
         return LOCAL_DEFAULT, GLOBAL_DEFAULT
 
+    def transactional(self, ref: str) -> bool:
+        """Whether what is allocated under `ref` (a pool id or an address space) lives
+        in the controller's store, so that a store rollback undoes it and the calls
+        belong inside the store's write transaction: always, here."""
+        return True
+
     # --- pools -------------------------------------------------------------------------
 
     def _overlapping_pool(self, net: IPNetwork) -> str | None:
@@ -118,14 +117,7 @@ class DefaultIpam:
     def request_pool(self, req: PoolRequest) -> PoolResult:
         if req.address_space not in (LOCAL_DEFAULT, GLOBAL_DEFAULT):
             raise errors.InvalidParameter(f"unknown address space {req.address_space!r}")
-        if req.pool is not None and req.pool.version != (6 if req.v6 else 4):
-            raise errors.InvalidParameter(f"pool {req.pool} does not match V6={req.v6}")
-        if req.sub_pool is not None and (
-            req.pool is None
-            or req.sub_pool.version != req.pool.version
-            or not req.sub_pool.subnet_of(req.pool)  # type: ignore[arg-type]
-        ):
-            raise errors.InvalidParameter(f"sub-pool {req.sub_pool} is not inside pool {req.pool}")
+        check_pool_request(req)
         with self._store.tx():
             if req.pool is None:
                 net = self._pick_default(req)
@@ -134,21 +126,13 @@ class DefaultIpam:
                 other = self._overlapping_pool(net)
                 if other is not None:
                     raise errors.PoolOverlap(str(net), other)
-            pool_id = f"{req.address_space}/{net}"
-            if req.sub_pool is not None:
-                pool_id += f"/{req.sub_pool}"
-            lo, hi = _host_range(net)
-            rlo, rhi = lo, hi
-            if req.sub_pool is not None:
-                rlo = max(lo, int(req.sub_pool.network_address))
-                rhi = min(hi, int(req.sub_pool.broadcast_address))
-            if rlo > rhi:
-                raise errors.InvalidParameter(f"pool {net} has no assignable address")
+            pid = make_pool_id(req.address_space, net, req.sub_pool)
+            rlo, rhi = endpoint_range(net, req.sub_pool)
             self._store.execute(
                 "INSERT INTO ipam_pools (pool_id, address_space, subnet, version, net_lo, net_hi,"
                 " range_lo, range_hi, cursor, refcount) VALUES (?,?,?,?,?,?,?,?,NULL,1)",
                 (
-                    pool_id,
+                    pid,
                     req.address_space,
                     str(net),
                     net.version,
@@ -158,7 +142,7 @@ class DefaultIpam:
                     _blob(rhi),
                 ),
             )
-        return PoolResult(pool_id=pool_id, pool=net)
+        return PoolResult(pool_id=pid, pool=net)
 
     def release_pool(self, pool_id: str) -> None:
         with self._store.tx():
@@ -217,16 +201,12 @@ class DefaultIpam:
         owners: Sequence[str] | None = None,
     ) -> list[IPInterface]:
         """Allocate many addresses in one transaction: all of them, or none."""
-        kind = "endpoint"
-        if options:
-            kind = {GATEWAY_ADDRESS_TYPE: "gateway", AUX_ADDRESS_TYPE: "aux"}.get(
-                options.get(REQUEST_ADDRESS_TYPE, ""), "endpoint"
-            )
+        kind = address_kind(options)
         owners = owners or [""] * len(addresses)
         out: list[IPInterface] = []
         with self._store.tx():
             net, rlo, rhi, cursor = self._pool(pool_id)
-            plo, phi = _host_range(net)
+            plo, phi = host_range(net)
             # The gateway is taken from the whole pool; endpoints only from the range.
             lo, hi = (plo, phi) if kind != "endpoint" else (rlo, rhi)
             rows: list[tuple[str, bytes, str, str]] = []
@@ -242,15 +222,7 @@ class DefaultIpam:
                     if kind == "endpoint":
                         cursor = value
                 else:
-                    if want.version != net.version or want not in net:
-                        raise errors.InvalidParameter(f"address {want} is outside pool {net}")
-                    value = int(want)
-                    if value == int(net.network_address) or (
-                        net.version == 4 and value == int(net.broadcast_address)
-                    ):
-                        raise errors.InvalidParameter(
-                            f"address {want} is the network or broadcast address of {net}"
-                        )
+                    value = check_assignable(net, want)
                     if self._store.fetchone(
                         "SELECT 1 FROM ipam_addresses WHERE pool_id=? AND addr=?",
                         (pool_id, _blob(value)),

@@ -3,17 +3,21 @@
 Owns Docker's default pool lists (spec/remote-protocol.md, "Default IPAM"): the local
 default (172.17-31.x.x/16 and 192.168.0.0/16 split into /20s, 31 pools), the global
 default (10.0.0.0/8 split into /24s), the `{base, size}` override form, and reading the
-host's IPv4/IPv6 routes from /proc (the calling process's network namespace).
+host's IPv4/IPv6 routes from /proc (the calling process's network namespace), and the
+pool arithmetic every allocator shares (the SQLite one in default.py, the etcd one in
+scoped.py): request checks, pool ids, host and sub-pool ranges, which addresses may be
+assigned, and the kind of an address request. Each raises InvalidParameter on bad input.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from .. import errors
-from ..types import IPNetwork
+from ..types import IPAddress, IPNetwork
+from .api import AUX_ADDRESS_TYPE, GATEWAY_ADDRESS_TYPE, REQUEST_ADDRESS_TYPE, PoolRequest
 
 LOCAL_DEFAULT = "LocalDefault"
 GLOBAL_DEFAULT = "GlobalDefault"
@@ -95,3 +99,66 @@ def host_routes(proc: str = "/proc/net") -> list[IPNetwork]:
     except OSError:
         pass
     return routes
+
+
+# --- pool arithmetic --------------------------------------------------------------------
+
+
+def check_pool_request(req: PoolRequest) -> None:
+    """The pool matches the request's IP version and the sub-pool lies inside the pool."""
+    if req.pool is not None and req.pool.version != (6 if req.v6 else 4):
+        raise errors.InvalidParameter(f"pool {req.pool} does not match V6={req.v6}")
+    if req.sub_pool is not None and (
+        req.pool is None
+        or req.sub_pool.version != req.pool.version
+        or not req.sub_pool.subnet_of(req.pool)  # type: ignore[arg-type]
+    ):
+        raise errors.InvalidParameter(f"sub-pool {req.sub_pool} is not inside pool {req.pool}")
+
+
+def make_pool_id(address_space: str, net: IPNetwork, sub_pool: IPNetwork | None = None) -> str:
+    """libnetwork's pool id: `<address space>/<pool>[/<sub-pool>]`."""
+    return f"{address_space}/{net}" + (f"/{sub_pool}" if sub_pool is not None else "")
+
+
+def host_range(net: IPNetwork) -> tuple[int, int]:
+    """First and last assignable address: never the network address or IPv4 broadcast."""
+    lo = int(net.network_address) + 1
+    hi = int(net.broadcast_address) - (1 if net.version == 4 else 0)
+    return lo, hi
+
+
+def endpoint_range(net: IPNetwork, sub_pool: IPNetwork | None = None) -> tuple[int, int]:
+    """The range endpoint addresses come from: the host range, narrowed to `sub_pool`
+    (gateway and aux addresses may lie anywhere in the host range)."""
+    lo, hi = host_range(net)
+    if sub_pool is not None:
+        lo = max(lo, int(sub_pool.network_address))
+        hi = min(hi, int(sub_pool.broadcast_address))
+    if lo > hi:
+        raise errors.InvalidParameter(f"pool {net} has no assignable address")
+    return lo, hi
+
+
+def check_assignable(net: IPNetwork, address: IPAddress) -> int:
+    """`address` as an integer when it may be assigned in `net`: inside it, neither its
+    network address nor its IPv4 broadcast."""
+    if address.version != net.version or address not in net:
+        raise errors.InvalidParameter(f"address {address} is outside pool {net}")
+    value = int(address)
+    if value == int(net.network_address) or (
+        net.version == 4 and value == int(net.broadcast_address)
+    ):
+        raise errors.InvalidParameter(
+            f"address {address} is the network or broadcast address of {net}"
+        )
+    return value
+
+
+def address_kind(options: Mapping[str, str] | None) -> str:
+    """What an address request is for: "gateway", "aux" or "endpoint"."""
+    if not options:
+        return "endpoint"
+    return {GATEWAY_ADDRESS_TYPE: "gateway", AUX_ADDRESS_TYPE: "aux"}.get(
+        options.get(REQUEST_ADDRESS_TYPE, ""), "endpoint"
+    )

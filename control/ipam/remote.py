@@ -5,6 +5,13 @@ Owns the IpamDriver side of spec/remote-protocol.md as a client: GetCapabilities
 ReleasePool and RequestAddress / ReleaseAddress with their exact fields, and the checks
 on each reply. Failures come back in the reply's "Error" field (not "Err"); any of
 them, like a plugin that is unreachable, hangs or answers garbage, is a PluginError.
+
+RequiresMACAddress: the controller checks `MacAddressAware` before it allocates an
+endpoint's addresses and, when the plugin asked for it, sends the endpoint's MAC in
+every RequestAddress's Options under `MAC_ADDRESS_OPTION`: the user's, or (the engine's
+rule) a random one made before the allocation, which then becomes the endpoint's MAC and
+reaches the network driver in CreateEndpoint. Pool and gateway requests carry none (a
+network has no MAC).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .. import errors
 from ..plugins import Plugin, Plugins
@@ -20,6 +27,15 @@ from ..types import IPAddress, IPInterface
 from .api import PoolRequest, PoolResult
 
 SUBSYSTEM = "IpamDriver"
+MAC_ADDRESS_OPTION = "com.docker.network.endpoint.macaddress"
+
+
+@runtime_checkable
+class MacAddressAware(Protocol):
+    """An IPAM that may want each endpoint's MAC address in RequestAddress's options
+    (`MAC_ADDRESS_OPTION`) when `requires_mac_address` is true."""
+
+    requires_mac_address: bool
 
 
 class RemoteIpam:

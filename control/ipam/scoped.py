@@ -17,15 +17,18 @@ from .. import errors
 from ..store.etcd import Compare, Delete, EtcdStore, Put
 from ..store.sqlite import SQLiteStore
 from ..types import IPAddress, IPInterface, IPNetwork
-from .api import (
-    AUX_ADDRESS_TYPE,
-    GATEWAY_ADDRESS_TYPE,
-    REQUEST_ADDRESS_TYPE,
-    PoolRequest,
-    PoolResult,
-)
+from .api import PoolRequest, PoolResult
 from .default import DefaultIpam
-from .pools import GLOBAL_DEFAULT, host_routes
+from .pools import (
+    GLOBAL_DEFAULT,
+    address_kind,
+    check_assignable,
+    check_pool_request,
+    endpoint_range,
+    host_range,
+    host_routes,
+    make_pool_id,
+)
 
 POOLS_KEY = "ipam/pools"
 _RETRIES = 32
@@ -35,16 +38,15 @@ def _addr_prefix(pool_id: str) -> str:
     return f"ipam/addrs/{pool_id.replace('/', '_')}/"
 
 
-def _kind(options: Mapping[str, str] | None) -> str:
-    if not options:
-        return "endpoint"
-    return {GATEWAY_ADDRESS_TYPE: "gateway", AUX_ADDRESS_TYPE: "aux"}.get(
-        options.get(REQUEST_ADDRESS_TYPE, ""), "endpoint"
-    )
-
-
 class ScopedIpam(DefaultIpam):
-    """DefaultIpam for local pools; the global address space in etcd."""
+    """DefaultIpam for local pools; the global address space in etcd.
+
+    Global calls are etcd round trips (retried under contention): `transactional()` is
+    False for them, so the controller makes them outside its SQLite transaction and gives
+    back what they took when a later step fails. Errors: PoolOverlap, AddressInUse,
+    PoolExhausted, NotFound / AddressNotFound as DefaultIpam; GlobalStoreUnavailable when
+    etcd does not answer or contention outlasts the retries.
+    """
 
     def __init__(
         self,
@@ -62,6 +64,10 @@ class ScopedIpam(DefaultIpam):
     def is_global(pool_id: str) -> bool:
         return pool_id.startswith(GLOBAL_DEFAULT + "/")
 
+    def transactional(self, ref: str) -> bool:
+        """False for the global address space and its pools (they live in etcd)."""
+        return ref != GLOBAL_DEFAULT and not self.is_global(ref)
+
     # --- pools ----------------------------------------------------------------------
 
     def _pools(self) -> tuple[dict[str, dict[str, object]], int]:
@@ -71,14 +77,7 @@ class ScopedIpam(DefaultIpam):
     def request_pool(self, req: PoolRequest) -> PoolResult:
         if req.address_space != GLOBAL_DEFAULT:
             return super().request_pool(req)
-        if req.pool is not None and req.pool.version != (6 if req.v6 else 4):
-            raise errors.InvalidParameter(f"pool {req.pool} does not match V6={req.v6}")
-        if req.sub_pool is not None and (
-            req.pool is None
-            or req.sub_pool.version != req.pool.version
-            or not req.sub_pool.subnet_of(req.pool)  # type: ignore[arg-type]
-        ):
-            raise errors.InvalidParameter(f"sub-pool {req.sub_pool} is not inside pool {req.pool}")
+        check_pool_request(req)
         for _ in range(_RETRIES):
             pools, rev = self._pools()
             taken = [ipaddress.ip_network(str(p["subnet"])) for p in pools.values()]
@@ -86,16 +85,8 @@ class ScopedIpam(DefaultIpam):
             for other in taken:
                 if other.version == net.version and other.overlaps(net):  # type: ignore[arg-type]
                     raise errors.PoolOverlap(str(net), str(other))
-            pool_id = f"{GLOBAL_DEFAULT}/{net}"
-            if req.sub_pool is not None:
-                pool_id += f"/{req.sub_pool}"
-            lo, hi = _host_range(net)
-            rlo, rhi = lo, hi
-            if req.sub_pool is not None:
-                rlo = max(lo, int(req.sub_pool.network_address))
-                rhi = min(hi, int(req.sub_pool.broadcast_address))
-            if rlo > rhi:
-                raise errors.InvalidParameter(f"pool {net} has no assignable address")
+            pool_id = make_pool_id(GLOBAL_DEFAULT, net, req.sub_pool)
+            rlo, rhi = endpoint_range(net, req.sub_pool)
             pools[pool_id] = {"subnet": str(net), "range": [rlo, rhi], "host": self.host}
             cmp = Compare.unchanged(POOLS_KEY, rev) if rev else Compare.absent(POOLS_KEY)
             ok, _ = self.etcd.txn([cmp], [Put(POOLS_KEY, pools)])
@@ -156,22 +147,14 @@ class ScopedIpam(DefaultIpam):
         if not self.is_global(pool_id):
             return super().request_address(pool_id, address, options, owner=owner)
         net, rlo, rhi = self._global_pool(pool_id)
-        kind = _kind(options)
-        plo, phi = _host_range(net)
+        kind = address_kind(options)
+        plo, phi = host_range(net)
         lo, hi = (plo, phi) if kind != "endpoint" else (rlo, rhi)
         iface = ipaddress.IPv4Interface if net.version == 4 else ipaddress.IPv6Interface
         record = {"kind": kind, "owner": owner, "host": self.host}
         prefix = _addr_prefix(pool_id)
         if address is not None:
-            if address.version != net.version or address not in net:
-                raise errors.InvalidParameter(f"address {address} is outside pool {net}")
-            value = int(address)
-            if value == int(net.network_address) or (
-                net.version == 4 and value == int(net.broadcast_address)
-            ):
-                raise errors.InvalidParameter(
-                    f"address {address} is the network or broadcast address of {net}"
-                )
+            value = check_assignable(net, address)
             if not self.etcd.create(prefix + str(address), record):
                 raise errors.AddressInUse(str(address))
             return iface((value, net.prefixlen))
@@ -205,12 +188,6 @@ class ScopedIpam(DefaultIpam):
                 (ip, str(v.get("kind", "")), str(v.get("owner", "")), str(v.get("host", "")))
             )
         return sorted(out, key=lambda t: int(t[0]))
-
-
-def _host_range(net: IPNetwork) -> tuple[int, int]:
-    lo = int(net.network_address) + 1
-    hi = int(net.broadcast_address) - (1 if net.version == 4 else 0)
-    return lo, hi
 
 
 __all__ = ["ScopedIpam"]

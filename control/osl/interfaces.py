@@ -4,8 +4,9 @@ Owns what a join does inside a sandbox and what a leave undoes there: take the
 driver's interface (already created inside the sandbox, or moved in from the host),
 name it `<prefix><lowest free index>`, set MAC and MTU, add its addresses, bring it up,
 install the gateway and static routes, and switch IPv6 off on it when it has no IPv6
-address. Many sandboxes are configured in one namespace-worker job, one netlink batch
-each; no process is spawned.
+address. A host interface to move in is checked first: never the loopback, nor one the
+host uses (an address, a default route). Many sandboxes are configured in one
+namespace-worker job, one netlink batch each; no process is spawned.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _TOMB_PREFIX = "cnmz"
+_IFF_LOOPBACK = 0x8
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     """Inside the sandbox: name, address and route the interface; returns its name."""
     if cfg.name is not None and cfg.name == cfg.src_name:
         # Made under its final name: only its index is needed.
-        idx = records.link_record(sock.get(rtnl.link_get(cfg.name))).index
+        idx = sock.ifindex(cfg.name)
         name = cfg.name
         reqs = []
         if cfg.mac is not None or cfg.mtu is not None:
@@ -131,6 +133,7 @@ class SandboxInterfaces:
     def _move_in(self, key: str, name: str) -> None:
         host = socket_for(None, backend=self.backend)
         link = records.link_record(host.get(rtnl.link_get(name)))
+        _check_movable(host, link)
         fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
         try:
             host.request(rtnl.link_set(link.index, netns_fd=fd))
@@ -169,6 +172,29 @@ class SandboxInterfaces:
             except OSError as exc:
                 out.append(kernel_error(exc, f"retire {name} in {key}"))
         return out
+
+
+def _check_movable(sock: NetlinkSocket, link: records.LinkRecord) -> None:
+    """Refuse to move a host interface a driver named (a remote plugin's SrcName) when it
+    cannot be a fresh driver interface: the loopback, one with an IP address (but the
+    IPv6 link-local address the kernel gives any interface that is up), or one a host
+    default route goes through. A buggy plugin naming eth0 must not take the host off
+    its network."""
+    if link.flags & _IFF_LOOPBACK:
+        raise errors.UnsafeInterface(link.name, "it is a loopback interface")
+    for msg in sock.dump(rtnl.dump_addrs()):
+        addr = records.addr_record(msg)
+        if addr.index != link.index:
+            continue
+        if addr.address.version == 6 and addr.address.ip.is_link_local:
+            continue
+        raise errors.UnsafeInterface(link.name, f"it has the address {addr.address}")
+    for msg in sock.dump(rtnl.dump_routes()):
+        route = records.route_record(msg)
+        if route.oif == link.index and route.dst.prefixlen == 0:
+            raise errors.UnsafeInterface(
+                link.name, f"the default route {route.dst} goes through it"
+            )
 
 
 def _retire(sock: NetlinkSocket, name: str) -> None:

@@ -58,7 +58,7 @@ class HostLinks:
 
     def index(self, name: str) -> int | None:
         try:
-            return records.link_record(self.sock.get(rtnl.link_get(name))).index
+            return self.sock.ifindex(name)
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -104,58 +104,7 @@ class HostLinks:
     def veths(self, items: Sequence[VethIntoSandbox]) -> list[errors.CNMError | None]:
         """Create veth pairs, each peer straight inside its sandbox, host end on its
         bridge and up, port settings applied: one batch. Per item None or its error."""
-        fds: list[int] = []
-        try:
-            for it in items:
-                fds.append(os.open(it.sandbox_key, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise kernel_error(exc, "open sandbox") from None
-        reqs = []
-        owner: list[int] = []
-        for i, (it, fd) in enumerate(zip(items, fds, strict=True)):
-            reqs.append(
-                rtnl.veth(
-                    rtnl.VethSpec(
-                        name=it.host_name,
-                        peer_name=it.peer_name,
-                        peer_netns_fd=fd,
-                        master=it.master or None,
-                        mtu=it.mtu,
-                        group=it.group,
-                        up=True,
-                    )
-                )
-            )
-            owner.append(i)
-            if it.routed:
-                # A routed host end forwards what its container sends and answers ARP
-                # for the addresses routed elsewhere (proxy ARP): set in the same batch.
-                reqs.append(rtnl.link_inet_conf(it.host_name, ROUTED_INET_CONF))
-                owner.append(i)
-            if it.hairpin or it.isolated:
-                reqs.append(
-                    rtnl.bridge_port(
-                        it.host_name, hairpin=it.hairpin or None, isolated=it.isolated or None
-                    )
-                )
-                owner.append(i)
-        try:
-            result = self.sock.execute(reqs)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        out: list[errors.CNMError | None] = [None] * len(items)
-        for k, exc in sorted(result.errors.items()):
-            i = owner[k]
-            if out[i] is None:
-                out[i] = kernel_error(exc, f"create {items[i].host_name}")
-        # An item whose port settings failed still has its pair: remove it.
-        for i, err in enumerate(out):
-            if err is not None:
-                self.delete(items[i].host_name)
-        return out
+        return veths_into_sandboxes(self.sock, items)
 
     def indexes(self, names: Sequence[str]) -> list[int | None]:
         """Each link's index (None when it does not exist)."""
@@ -206,3 +155,71 @@ class HostLinks:
         except NetlinkError as exc:
             if exc.errno != errno.ENODEV:
                 raise kernel_error(exc, "delete retired devices") from None
+
+
+def veths_into_sandboxes(
+    sock: NetlinkSocket, items: Sequence[VethIntoSandbox]
+) -> list[errors.CNMError | None]:
+    """veth pairs made through `sock` (the namespace their host ends live in: the host's
+    for a bridge, an overlay network's own), each peer made straight inside its
+    sandbox, host end on its master and up, port settings applied: one batch. Per item
+    None or its error. A pair that was made but whose settings failed is removed again;
+    a pair that could not be made leaves whatever holds its name alone."""
+    fds: list[int] = []
+    try:
+        for it in items:
+            fds.append(os.open(it.sandbox_key, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise kernel_error(exc, "open sandbox") from None
+    reqs = []
+    owner: list[int] = []  # the item of each request
+    first: list[int] = []  # each item's veth request
+    for i, (it, fd) in enumerate(zip(items, fds, strict=True)):
+        first.append(len(reqs))
+        reqs.append(
+            rtnl.veth(
+                rtnl.VethSpec(
+                    name=it.host_name,
+                    peer_name=it.peer_name,
+                    peer_netns_fd=fd,
+                    master=it.master or None,
+                    mtu=it.mtu,
+                    group=it.group,
+                    up=True,
+                )
+            )
+        )
+        owner.append(i)
+        if it.routed:
+            # A routed host end forwards what its container sends and answers ARP
+            # for the addresses routed elsewhere (proxy ARP): set in the same batch.
+            reqs.append(rtnl.link_inet_conf(it.host_name, ROUTED_INET_CONF))
+            owner.append(i)
+        if it.hairpin or it.isolated:
+            reqs.append(
+                rtnl.bridge_port(
+                    it.host_name, hairpin=it.hairpin or None, isolated=it.isolated or None
+                )
+            )
+            owner.append(i)
+    try:
+        result = sock.execute(reqs)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    out: list[errors.CNMError | None] = [None] * len(items)
+    for k, exc in sorted(result.errors.items()):
+        i = owner[k]
+        if out[i] is None:
+            out[i] = kernel_error(exc, f"create {items[i].host_name}")
+    # An item whose port settings failed still has its pair: remove it.
+    for i, err in enumerate(out):
+        if err is not None and first[i] not in result.errors:
+            try:
+                sock.request(rtnl.link_del(name=items[i].host_name))
+            except NetlinkError as exc:
+                if exc.errno != errno.ENODEV:
+                    err.add_note(f"rollback: delete {items[i].host_name}: {exc}")
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -34,6 +35,16 @@ def kernel_error(exc: OSError, operation: str) -> errors.CNMError:
     return errors.KernelError(exc.errno or 0, message, operation=operation)
 
 
+def _raise_fd_limit() -> None:
+    """Every sandbox keeps a netlink socket open (fastpath.transport caches one per
+    namespace, up to a share of RLIMIT_NOFILE): lift the soft limit to the hard one, as
+    dockerd and containerd do, so thousands of sandboxes keep theirs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _disable_ipv6_by_default() -> None:
     # Runs inside the new namespace (/proc/sys/net is per netns). Interfaces created in or
     # moved into the sandbox later start with IPv6 off; a join with an IPv6 address turns
@@ -49,6 +60,7 @@ class NamespaceStore:
     def __init__(self, run_dir: str, backend: str | None = None) -> None:
         self.dir = os.path.join(run_dir, "netns")
         self.backend = backend
+        _raise_fd_limit()
 
     def _prepare(self, path: str) -> None:
         _disable_ipv6_by_default()

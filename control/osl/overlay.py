@@ -24,7 +24,7 @@ from cnm.fastpath import netns, records, rtnl
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, forget, socket_for
 
 from .. import errors
-from .links import VethIntoSandbox
+from .links import VethIntoSandbox, veths_into_sandboxes
 from .namespace import kernel_error
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -89,6 +89,16 @@ class PeerChanges:
 
 
 class OverlayLinks:
+    """The kernel side of this host's overlay networks, under run_dir/overlay.
+
+    Owns each network's namespace and its devices (br0 with the gateways, vxlan0), the
+    containers' veth pairs into it, and vxlan0's FDB and neighbour entries for remote
+    peers. Every method is netlink batches on the fast path. Errors: KernelError for a
+    kernel refusal (naming the step), VNIInUse when this host already has a VXLAN device
+    with the VNI; create() leaves nothing behind when it fails; attach() reports errors
+    per item; program() does not fail on removing an entry that is already gone.
+    """
+
     def __init__(self, run_dir: str, backend: str | None = None) -> None:
         self.dir = os.path.join(run_dir, "overlay")
         self.backend = backend
@@ -205,38 +215,9 @@ class OverlayLinks:
     def attach(
         self, dev: OverlayDevices, items: Sequence[VethIntoSandbox]
     ) -> list[errors.CNMError | None]:
-        """veth pairs: host end on br0 in the network's namespace, the peer made inside
-        its sandbox; one batch. Per item None or its error."""
-        fds: list[int] = []
-        try:
-            for it in items:
-                fds.append(os.open(it.sandbox_key, os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            for fd in fds:
-                os.close(fd)
-            raise kernel_error(exc, "open sandbox") from None
-        reqs = [
-            rtnl.veth(
-                rtnl.VethSpec(
-                    name=it.host_name,
-                    peer_name=it.peer_name,
-                    peer_netns_fd=fd,
-                    master=dev.bridge,
-                    mtu=it.mtu,
-                    up=True,
-                )
-            )
-            for it, fd in zip(items, fds, strict=True)
-        ]
-        try:
-            result = self._sock(dev.key).execute(reqs)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        out: list[errors.CNMError | None] = [None] * len(items)
-        for k, exc in result.errors.items():
-            out[k] = kernel_error(exc, f"create {items[k].host_name}")
-        return out
+        """veth pairs: host end on br0 (each item's master) in the network's namespace,
+        the peer made inside its sandbox; one batch. Per item None or its error."""
+        return veths_into_sandboxes(self._sock(dev.key), items)
 
     def detach(self, dev: OverlayDevices, names: Sequence[str]) -> None:
         """Delete host ends (and so their pairs) with one group delete: one RCU wait."""

@@ -46,8 +46,12 @@ def _echo(dst: IPAddress, timeout: float) -> float:
         start = time.monotonic()
         sock.sendto(packet, (str(dst), 0))
         deadline = start + timeout
+        # poll, not select: a host with thousands of sandboxes holds descriptors past
+        # select's limit of 1024.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         while (left := deadline - time.monotonic()) > 0:
-            if not select.select([sock], [], [], left)[0]:
+            if not poller.poll(left * 1000):
                 break
             data, _ = sock.recvfrom(2048)
             icmp = data[(data[0] & 0x0F) * 4 :] if dst.version == 4 else data

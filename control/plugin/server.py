@@ -2,8 +2,9 @@
 
 Owns the transport: `POST /<Subsystem>.<Method>` with a JSON body (empty for the
 handshake calls), whatever Accept or Content-Type the engine sends; the replies and
-their status codes; the socket file (made 0660, removed on exit, a stale one replaced,
-a live one refused); and `serve()`, which runs until SIGTERM or SIGINT.
+their status codes; the socket file (created 0660, never looser, removed on exit, a
+stale one replaced, a live one refused); and `serve()`, which runs until SIGTERM or
+SIGINT.
 
 Errors never escape a handler:
 - a body that is not JSON, or not a JSON object: 400 `{"Err": ...}`;
@@ -157,11 +158,16 @@ class PluginServer:
         _claim_socket(self.socket_path)
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.UnixSite(self._runner, self.socket_path)
+        try:
+            sock = _bind_socket(self.socket_path)
+        except BaseException:
+            await self.stop()
+            raise
+        site = web.SockSite(self._runner, sock)
         try:
             await site.start()
-            os.chmod(self.socket_path, SOCKET_MODE)
         except BaseException:
+            sock.close()
             await self.stop()
             raise
 
@@ -191,6 +197,27 @@ def _claim_socket(path: str) -> None:
     finally:
         probe.close()
     raise errors.Conflict(f"a plugin is already serving on {path}")
+
+
+def _bind_socket(path: str) -> socket.socket:
+    """A unix stream socket bound at `path` whose file never has a looser mode than
+    SOCKET_MODE: the socket's own mode is set before bind (Linux creates the file with
+    it, less the umask, so never looser), then the file gets exactly SOCKET_MODE. No
+    process-wide umask change (other threads may be creating files meanwhile)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        os.fchmod(sock.fileno(), SOCKET_MODE)
+        sock.bind(path)
+        bound = True
+        os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        if bound:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    return sock
 
 
 def socket_path(plugin_dir: str, name: str) -> str:

@@ -105,8 +105,10 @@ class WatchLost(Exception):
 @dataclass(frozen=True)
 class Compare:
     key: str
-    target: str  # "CREATE" (create_revision), "MOD" (mod_revision), "VERSION"
-    value: int
+    # "CREATE" (create_revision), "MOD" (mod_revision), "VERSION": an int;
+    # "VALUE": the record itself (any JSON value, compared as the bytes Put writes)
+    target: str
+    value: Any
     result: str = "EQUAL"
 
     @staticmethod
@@ -116,6 +118,11 @@ class Compare:
     @staticmethod
     def unchanged(key: str, mod_revision: int) -> Compare:
         return Compare(key, "MOD", mod_revision)
+
+    @staticmethod
+    def equals(key: str, value: Any) -> Compare:
+        """`key` holds exactly `value` (false when it is absent)."""
+        return Compare(key, "VALUE", value)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,11 @@ class Get:
 
 
 Op = Put | Delete | Get
+
+
+def _encode(value: Any) -> str:
+    """A record as stored: one encoding for puts and value comparisons alike."""
+    return json.dumps(value)
 
 
 def _b64(data: str | bytes) -> str:
@@ -171,10 +183,21 @@ class EtcdStore:
         ]
         self._current = 0
         self._lock = threading.Lock()
+        self._closed = False
+        self._watches: set[_Closer] = set()
 
     def close(self) -> None:
+        """End every watch (their readers return) and the sessions; from now on every
+        call raises GlobalStoreUnavailable at once instead of reconnecting."""
+        self._closed = True
+        for closer in list(self._watches):
+            closer.close()
         for c in self._clients:
             c.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -188,6 +211,8 @@ class EtcdStore:
     def _post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """One gateway call, failing over to the next endpoint when one does not answer."""
         last: Exception | None = None
+        if self._closed:
+            raise errors.GlobalStoreUnavailable("etcd: the store was closed")
         with self._lock:
             for attempt in range(len(self._clients)):
                 idx = (self._current + attempt) % len(self._clients)
@@ -219,7 +244,7 @@ class EtcdStore:
     def _op(self, op: Op) -> dict[str, Any]:
         key = self._full(op.key)
         if isinstance(op, Put):
-            return {"request_put": {"key": _b64(key), "value": _b64(json.dumps(op.value))}}
+            return {"request_put": {"key": _b64(key), "value": _b64(_encode(op.value))}}
         if isinstance(op, Delete):
             req: dict[str, Any] = {"key": _b64(key)}
             if op.prefix:
@@ -256,15 +281,13 @@ class EtcdStore:
         branch that ran, one list per Get)."""
         cmp = []
         for c in compare:
-            field = {"CREATE": "create_revision", "MOD": "mod_revision", "VERSION": "version"}
-            cmp.append(
-                {
-                    "key": _b64(self._full(c.key)),
-                    "target": c.target,
-                    "result": c.result,
-                    field[c.target]: str(c.value),
-                }
-            )
+            entry = {"key": _b64(self._full(c.key)), "target": c.target, "result": c.result}
+            if c.target == "VALUE":
+                entry["value"] = _b64(_encode(c.value))
+            else:
+                field = {"CREATE": "create_revision", "MOD": "mod_revision", "VERSION": "version"}
+                entry[field[c.target]] = str(c.value)
+            cmp.append(entry)
         body = {
             "compare": cmp,
             "success": [self._op(o) for o in success],
@@ -303,7 +326,10 @@ class EtcdStore:
     ) -> Iterator[list[Event]]:
         """Batches of events under `prefix` from `start_revision` on, one batch per etcd
         revision group. Raises WatchLost when the stream breaks or etcd cancels it (e.g.
-        the revision was compacted); returns when `stop` is set (closing the stream)."""
+        the revision was compacted) or the store is closed; returns when `stop` is set
+        (closing the stream)."""
+        if self._closed:
+            raise WatchLost("the store was closed")
         host, port = self.url.endpoints[self._current]
         client = Etcd3Client(host=host, port=port, timeout=self.timeout, api_path=API_PATH)
         client.session.mount("http://", _KeepAlive(self.liveness))
@@ -328,6 +354,9 @@ class EtcdStore:
         closer = _Closer(resp, client, probe, self.liveness, f"{host}:{port}")
         stopper = threading.Thread(target=closer.close_on, args=(stop,), daemon=True)
         stopper.start()
+        self._watches.add(closer)
+        if self._closed:  # closed while the watch was being made
+            closer.close()
         try:
             if resp.status_code != 200:
                 raise WatchLost(f"watch refused: {resp.status_code} {resp.text[:200]}")
@@ -352,11 +381,17 @@ class EtcdStore:
         except (requests.RequestException, ValueError, OSError, AttributeError) as exc:
             if stop.is_set():
                 return
-            raise WatchLost(closer.reason or str(exc)) from None
+            raise WatchLost(closer.reason or self._why_lost(exc)) from None
         finally:
             closer.close()
+            self._watches.discard(closer)
         if not stop.is_set():
-            raise WatchLost(closer.reason or "the watch stream ended")
+            raise WatchLost(closer.reason or self._why_lost(None))
+
+    def _why_lost(self, exc: Exception | None) -> str:
+        if self._closed:
+            return "the store was closed"
+        return str(exc) if exc is not None else "the watch stream ended"
 
 
 class _KeepAlive(HTTPAdapter):

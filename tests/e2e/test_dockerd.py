@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -43,6 +44,8 @@ PLUGIN = "cnm"
 IMAGE = "cnm-e2e/busybox:local"
 SUBNET, GATEWAY = "10.91.0.0/24", "10.91.0.1"
 CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_PREFIX = "cnm-e2e-"
+HOST_KEY = "/etc/docker/key.json"  # where dockerd keeps its identity key by default
 
 
 def _missing() -> str | None:
@@ -86,7 +89,18 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, as someone else's
+        return True
     return True
+
+
+def _file_state(path: str) -> tuple[int, ...] | None:
+    """What would show a file was written: identity, size and times (None: absent)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass
@@ -94,6 +108,8 @@ class Engine:
     sock: str
     env: dict[str, str]
     log: Path
+    key: Path  # this run's identity key (daemon.json's deprecated-key-path)
+    host_key_before: tuple[int, ...] | None  # the host's key.json before this run
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120) -> str:
         proc = subprocess.run(
@@ -141,32 +157,60 @@ class Plugin:
         assert not os.path.exists(self.socket), "the plugin left its socket behind"
 
 
+def _rmdir_tree(top: Path, attempts: int = 50) -> bool:
+    """Remove a cgroup directory and its children, deepest first (a cgroup goes with
+    rmdir once it has no process; its control files go with it). Retried a while, as
+    processes of stopped containers take a moment to leave. True when it is gone."""
+    for _ in range(attempts):
+        leftovers = sorted(
+            (p for p in top.glob("**/") if p.is_dir()),
+            key=lambda p: len(p.parts),
+            reverse=True,
+        )
+        with contextlib.suppress(OSError):
+            for path in leftovers:
+                path.rmdir()
+        if not top.exists():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _remove_stale_cgroups(root: str) -> list[str]:
+    """Remove the `cnm-e2e-<pid>` cgroups of earlier runs whose process is dead (a run
+    that was killed never reached its cleanup); returns the names removed. A live run's
+    is left alone, and so is anything else."""
+    removed = []
+    for entry in sorted(Path(root).iterdir()):
+        m = re.fullmatch(re.escape(CGROUP_PREFIX) + r"(\d+)", entry.name)
+        if m is None or not entry.is_dir():
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if _rmdir_tree(entry, attempts=1):
+            removed.append(entry.name)
+    return removed
+
+
 @contextlib.contextmanager
 def _cgroup2() -> Iterator[str]:
     """cgroup2 at /sys/fs/cgroup (in this private mount namespace only; the harness's
     fresh sysfs has nothing there) and a parent cgroup of this run's own for the
-    containers, removed at the end."""
+    containers, removed at the end. The mount shows the host's real cgroup tree, so
+    this run's cgroup is created there: the ones earlier runs left (killed before their
+    cleanup) are removed first."""
     mounted = False
     if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
         subprocess.run(["mount", "-t", "cgroup2", "none", CGROUP_ROOT], check=True)
         mounted = True
-    parent = f"cnm-e2e-{os.getpid()}"
+    _remove_stale_cgroups(CGROUP_ROOT)
+    parent = f"{CGROUP_PREFIX}{os.getpid()}"
     os.makedirs(os.path.join(CGROUP_ROOT, parent), exist_ok=True)
     try:
         yield f"/{parent}"
     finally:
-        for _ in range(50):
-            leftovers = sorted(
-                (p for p in Path(CGROUP_ROOT, parent).glob("**/") if p.is_dir()),
-                key=lambda p: len(p.parts),
-                reverse=True,
-            )
-            with contextlib.suppress(OSError):
-                for path in leftovers:
-                    path.rmdir()
-            if not os.path.exists(os.path.join(CGROUP_ROOT, parent)):
-                break
-            time.sleep(0.1)
+        _rmdir_tree(Path(CGROUP_ROOT, parent))
         if mounted:
             subprocess.run(["umount", CGROUP_ROOT], check=False)
 
@@ -180,8 +224,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     base = tmp_path_factory.mktemp("dockerd")
     for d in ("data", "exec", "config"):
         (base / d).mkdir()
-    # The engine's identity key would go to /etc/docker/key.json: kept here instead.
-    (base / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(base / "key.json")}))
+    # The engine's identity key would go to /etc/docker/key.json: kept here instead. The
+    # host's own engine may have written that file already: its state is noted, to show
+    # this run left it as it was.
+    key = base / "key.json"
+    host_key_before = _file_state(HOST_KEY)
+    (base / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(key)}))
     sock = str(base / "docker.sock")
     log = base / "dockerd.log"
     with _cgroup2() as cgroup_parent:
@@ -204,7 +252,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
         env["DOCKER_CONFIG"] = str(base / "config")
-        eng = Engine(sock, env, log)
+        eng = Engine(sock, env, log, key, host_key_before)
         containerd_pid = None
         try:
             deadline = time.monotonic() + 60
@@ -375,5 +423,26 @@ def test_docker_runs_containers_on_cnm(engine: Engine, tmp_path: Path) -> None:
 def test_engine_paths_were_private(engine: Engine) -> None:
     """Nothing of this run's engine reached the host's /run or /etc/docker."""
     _run_is_private()
-    assert not os.path.exists("/etc/docker/key.json")
+    assert engine.key.is_file(), "this run's engine did not write its key where told"
+    assert _file_state(HOST_KEY) == engine.host_key_before, f"{HOST_KEY} was written"
     assert not os.path.exists(f"/proc/{os.getppid()}/root{PLUGIN_DIR}/{PLUGIN}.sock")
+
+
+def test_stale_cgroups_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    """Only `cnm-e2e-<pid>` directories whose process is gone are removed (children
+    first); this run's, a live process's and any other name stay."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert not _pid_alive(dead.pid)
+    stale = tmp_path / f"{CGROUP_PREFIX}{dead.pid}"
+    (stale / "docker" / "abc").mkdir(parents=True)
+    keep = [
+        tmp_path / f"{CGROUP_PREFIX}{os.getpid()}",
+        tmp_path / f"{CGROUP_PREFIX}1",  # init: alive
+        tmp_path / f"{CGROUP_PREFIX}x",
+        tmp_path / "system.slice",
+    ]
+    for d in keep:
+        d.mkdir()
+    assert _remove_stale_cgroups(str(tmp_path)) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(d.name for d in keep)

@@ -497,3 +497,54 @@ def test_overlay_tunnel_between_two_hosts(lab: Lab, pin_root: str) -> None:
     for owner in owners:
         owner.close()
         owner.unpin()
+
+
+# --- several processes on one pin root --------------------------------------------------
+
+
+def _race_load(root: str, verify_source: bool, start, done, out) -> None:  # type: ignore[no-untyped-def]
+    """In a child process: load on the start signal, then report the map it holds and the
+    map the pin holds once every racer is done."""
+    try:
+        owner = RedirectOwner(root, verify_source=verify_source)
+        start.wait(10)
+        owner.load()
+        done.wait(10)
+        with loader.Map.from_pin(os.path.join(root, "cnm_redirect", "cnm_endpoints")) as pinned:
+            out.put((owner.map("cnm_endpoints").id, pinned.id, owner.picked_up))
+        owner.close()
+    except BaseException as exc:  # reported to the parent, which fails the test
+        out.put(repr(exc))
+
+
+@pytest.mark.parametrize("reload_config", [False, True])
+def test_processes_racing_to_load_share_one_pinned_map(reload_config: bool) -> None:
+    """Two processes (a CLI and an agent on one state directory) load the same pin root at
+    the same moment: both must end up on the map the pin holds, never on a lost copy.
+    With reload_config the second one wants another configuration (a reload that keeps
+    the maps)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(4):
+        root = f"/sys/fs/bpf/cnm-race-{uuid.uuid4().hex[:8]}"
+        start, done, out = ctx.Barrier(2), ctx.Barrier(2), ctx.Queue()
+        procs = [
+            ctx.Process(target=_race_load, args=(root, not (reload_config and k), start, done, out))
+            for k in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            results = [out.get(timeout=60) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(30)
+            loader.unpin_dir(os.path.join(root, "cnm_redirect"))
+            os.rmdir(root)
+        assert all(isinstance(r, tuple) for r in results), results
+        pinned = {r[1] for r in results}
+        assert len(pinned) == 1
+        assert [r[0] for r in results] == [*pinned, *pinned], results
+        if not reload_config:
+            assert sorted(r[2] for r in results) == [False, True]  # one loaded, one picked up

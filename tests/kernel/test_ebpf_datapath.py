@@ -114,6 +114,33 @@ def ifindex(ep) -> int:
 # --- fast path on, policy kept ------------------------------------------------------------
 
 
+def test_auto_attaches_off_the_join_path_and_the_fast_path_follows(
+    dirs: tuple[str, str],
+) -> None:
+    """In "auto" the join returns once the map entry is in; the program reaches each host
+    end from the attach thread, and then pings are redirected."""
+    for ctl in _controller(dirs, "auto"):
+        net = ctl.create_network("later", ipv4=subnet(7))
+        (a, ka), (b, _) = containers(ctl, net, 2, "l")
+        assert ctl.ebpf == "on"
+        assert ctl._accel.flush(), "the deferred attaches finish"
+        for ep in (a, b):
+            assert loader.tc_query(ifindex(ep)) is not None
+        before = ctl.ebpf_counters
+        assert before is not None and before["endpoints"] == 2
+        assert reaches(ka, address(b))
+        after = ctl.ebpf_counters
+        assert after is not None and after["redirected"] - before["redirected"] >= 2, after
+        # A leave before its attach ran: the queued attach is dropped with the entry.
+        ((c, _),) = containers(ctl, net, 1, "m")
+        ctl.leave_many([(c, "m-c0")])
+        assert ctl._accel.flush()
+        assert ctl.ebpf_counters["endpoints"] == 2
+
+
+# --- fast path on, policy kept ------------------------------------------------------------
+
+
 @pytest.mark.parametrize("datapath", ["bridge", "routed"])
 def test_pings_take_the_fast_path_and_doctor_shows_the_counters(
     on: NetworkController, dirs: tuple[str, str], datapath: str
@@ -247,6 +274,136 @@ def test_reconcile_removes_map_entries_of_endpoints_gone_behind_its_back(
     assert entries == {address(ep): ifindex(ep) for ep in (a, b, c)}
     assert reaches(ka, address(b)) and reaches(ka, address(c))
     assert not [r for r in on.reconcile().repairs if r.kind == "bpf_endpoint_removed"]
+
+
+# --- several controllers on one state directory, and failures that must leave nothing -------
+
+
+def _pinned_addresses(pin_root: str) -> set[str] | None:
+    """The addresses the pinned map holds (a fresh owner picks up the pins); None when
+    nothing is pinned."""
+    if not os.path.exists(os.path.join(pin_root, "cnm_redirect", "cnm_endpoints")):
+        return None
+    with RedirectOwner(pin_root) as owner:
+        assert owner.picked_up
+        return {str(e.address) for e in owner.endpoints()}
+
+
+def test_a_controller_follows_pins_another_one_released(on: NetworkController, dirs) -> None:
+    """Two controllers on one state directory (a CLI and an agent) hold the same map. The
+    first's last network goes, so it removes the pins; the second, still holding the old
+    map, must put its next entries where the pins are, not into the map nobody sees."""
+    pin_root = on._accel.pin_root
+    for other in _controller(dirs, "on"):
+        assert _pinned_addresses(pin_root) == set()
+        net = on.create_network("first", ipv4=subnet(10))
+        (a, _), (b, _) = containers(on, net, 2, "r")
+        assert other._accel.entries() and _pinned_addresses(pin_root) == {
+            address(a),
+            address(b),
+        }
+        # Entries of the other controller keep the pins: the first's release does nothing.
+        net2 = other.create_network("second", ipv4=subnet(11))
+        (c, _), (d, _) = containers(other, net2, 2, "s")
+        on.delete_endpoints([a, b], force=True)
+        net.delete()
+        assert _pinned_addresses(pin_root) == {address(c), address(d)}
+        other.delete_endpoints([c, d], force=True)
+        # Now the map is empty: the first controller's next release removes the pins.
+        net3 = on.create_network("third", ipv4=subnet(12))
+        net3.delete()
+        assert _pinned_addresses(pin_root) is None
+        (e, ke), (f, _) = containers(other, net2, 2, "t")
+        assert _pinned_addresses(pin_root) == {address(e), address(f)}
+        before = other.ebpf_counters
+        assert before is not None and before["endpoints"] == 2
+        assert reaches(ke, address(f))
+        after = other.ebpf_counters
+        assert after is not None and after["redirected"] - before["redirected"] >= 2, after
+
+
+def test_a_leave_whose_map_update_fails_still_retires_the_host_end(
+    on: NetworkController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = on.create_network("leak", ipv4=subnet(13))
+    (a, _), _ = containers(on, net, 2, "l")
+    port = host_name(a.id)
+
+    def broken_remove(addresses: object) -> int:
+        raise errors.KernelError(5, "map delete failed", operation="BPF endpoint map delete")
+
+    monkeypatch.setattr(on._accel, "remove", broken_remove)
+    with pytest.raises(errors.CNMError) as info:
+        on.leave_many([(a, "l-c0")])
+    assert "map delete failed" in str(info.value)
+    monkeypatch.undo()
+    # The host end was retired all the same: down, and deleted by the reaper.
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/sys/class/net/{port}") and time.monotonic() < deadline:
+        try:
+            flags = int(Path(f"/sys/class/net/{port}/flags").read_text(), 16)
+        except OSError:  # deleted while read
+            continue
+        assert not flags & 0x1, "the host end is still up"
+        time.sleep(0.05)
+    assert not os.path.exists(f"/sys/class/net/{port}"), "the host end leaked"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"plugin_dirs": "x"},
+        {"plugin_dirs": 5},
+        {"run_dir": None},
+        {"store": "mysql://nope"},
+    ],
+    ids=["plugin_dirs-str", "plugin_dirs-int", "run_dir", "store"],
+)
+def test_bad_arguments_with_ebpf_on_load_and_pin_nothing(dirs, bad: dict) -> None:
+    pin_root = f"/sys/fs/bpf/cnm-bad-{os.getpid()}-{random.randrange(1 << 30)}"
+    args = {"state_dir": dirs[0], "run_dir": dirs[1], "ebpf": "on", "bpf_pin_root": pin_root}
+    with pytest.raises(errors.InvalidParameter):
+        NetworkController(**{**args, **bad})
+    assert not os.path.exists(pin_root)
+    assert not os.path.exists(dirs[0]), "bad input made the state directory"
+
+
+def test_a_failed_construction_undoes_pins_store_and_reaper(
+    dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from cnm.control import controller as controller_module
+
+    pin_root = f"/sys/fs/bpf/cnm-undo-{os.getpid()}-{random.randrange(1 << 30)}"
+    # The store cannot be made (its directory is a file): nothing is loaded or pinned.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(errors.CNMError):
+        NetworkController(
+            state_dir=str(blocker / "state"), run_dir=dirs[1], ebpf="on", bpf_pin_root=pin_root
+        )
+    assert not os.path.exists(pin_root)
+
+    # A failure after the program was loaded: its pins go, the store and reaper stop.
+    def failing_namespaces(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(controller_module, "NamespaceStore", failing_namespaces)
+    reapers = sum(t.name == "cnm-reaper" for t in threading.enumerate())
+    with pytest.raises(OSError):
+        NetworkController(state_dir=dirs[0], run_dir=dirs[1], ebpf="on", bpf_pin_root=pin_root)
+    assert not os.path.exists(pin_root)
+    assert sum(t.name == "cnm-reaper" for t in threading.enumerate()) == reapers
+    monkeypatch.undo()
+    # The store was closed: a new controller on the same state directory opens it.
+    ctl = NetworkController(state_dir=dirs[0], run_dir=dirs[1], ebpf="on", bpf_pin_root=pin_root)
+    try:
+        assert ctl.ebpf == "on" and not ctl._accel._owner.picked_up
+    finally:
+        ctl._accel.release_if_idle()
+        ctl.close()
+    assert not os.path.exists(pin_root)
 
 
 # --- past the bridge limit -----------------------------------------------------------------

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
+import sqlite3
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,8 +80,10 @@ def rctl(dirs: tuple[str, str], plugin_dir: Path, peer: PeerPlugin) -> Iterator[
 
 def snapshot(ctl: NetworkController, peer: PeerPlugin) -> dict[str, object]:
     """What a failed request must not change: store, kernel, and the plugin's state."""
+    # Carrier settles asynchronously (link watch work): generous on a loaded machine.
     assert wait_until(
-        lambda: not [n for n, v in links_here().items() if "NO-CARRIER" in v["flags"]]
+        lambda: not [n for n, v in links_here().items() if "NO-CARRIER" in v["flags"]],
+        timeout=20.0,
     )
     return {
         "host": kernel_view(),
@@ -287,13 +292,37 @@ def test_a_sandbox_on_two_remote_networks_keeps_one_when_the_other_leaves(rctl, 
     assert peer.joined == {} and key_c not in {sb.key for sb in rctl.sandboxes()}
 
 
+def _write_lock_free(state_dir: str) -> bool:
+    """Whether another connection could take the store's write lock right now."""
+    db = sqlite3.connect(os.path.join(state_dir, "state.db"), timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.rollback()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
+
+
 def test_a_controller_started_later_finds_the_plugin_again(rctl, peer, dirs, plugin_dir) -> None:
     net = make_network(rctl)
     ep = net.create_endpoint("a")
+    # The other controller meets the plugin first in the join: its handshake must not
+    # run inside the store's write transaction (the join's port check).
+    free: list[bool] = []
+    real_activate = peer.do_Plugin_Activate
+
+    def activate(body: dict) -> dict:
+        free.append(_write_lock_free(dirs[0]))
+        return real_activate(body)
+
+    peer.do_Plugin_Activate = activate  # type: ignore[method-assign]
     with NetworkController(
         state_dir=dirs[0], run_dir=dirs[1], plugin_dirs=[str(plugin_dir)]
     ) as other:
         key = other.network("rnet").endpoint("a").join("ca")
+        assert free == [True]
         assert ns_addrs(key)["eth0"] == {str(ep.ipv4_address.ip)}
         assert both_pings(key, "10.123.0.1")
         other.network("rnet").endpoint("a").leave("ca")
@@ -331,6 +360,62 @@ def test_a_failure_after_the_plugins_join_is_undone_with_leave(rctl, peer) -> No
     assert len(peer.calls("NetworkDriver.Join")) == 2
     assert len(peer.calls("NetworkDriver.Leave")) == 2  # both joins undone at the plugin
     assert snapshot(rctl, peer) == before
+
+
+@contextlib.contextmanager
+def _host_interface(kind: str) -> Iterator[str]:
+    """An interface a buggy plugin could name: the loopback, or a dummy the host uses
+    (an address on it, or a default route through it, in a table of its own); a veth
+    pair here, as dummy devices may not be available."""
+    if kind == "loopback":
+        yield "lo"
+        return
+    name, peer_end = "pzhost0", "pzhost1"
+    cmd = ["ip", "link", "add", name, "type", "veth", "peer", "name", peer_end]
+    subprocess.run(cmd, check=True)
+    try:
+        for dev in (name, peer_end):
+            subprocess.run(["ip", "link", "set", dev, "addrgenmode", "none", "up"], check=True)
+        if kind == "address":
+            subprocess.run(["ip", "addr", "add", "198.51.100.7/32", "dev", name], check=True)
+        else:
+            cmd = ["ip", "route", "add", "default", "dev", name, "table", "4242"]
+            subprocess.run(cmd, check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+
+
+@pytest.mark.parametrize("kind", ["loopback", "address", "default_route"])
+def test_a_src_name_the_host_uses_is_refused_and_nothing_moves(rctl, peer, kind: str) -> None:
+    """A plugin whose Join names a host interface (its SrcName) gets it refused before
+    anything is moved: an UnsafeInterface, the join undone with Leave, the interface still
+    on the host as it was."""
+    net = make_network(rctl)
+    a, b = net.create_endpoints(["a", "b"])
+    with _host_interface(kind) as name:
+        real = peer.do_NetworkDriver_Join
+
+        def named(body: dict) -> dict:  # the plugin makes its veth, but names another
+            reply = real(body)
+            if body["EndpointID"] == b.id:
+                reply["InterfaceName"]["SrcName"] = name
+            return reply
+
+        peer.do_NetworkDriver_Join = named  # type: ignore[method-assign]
+        before = snapshot(rctl, peer)
+        peer.clear()
+        with pytest.raises(errors.UnsafeInterface) as info:
+            rctl.join_many([(a, "ca"), (b, "cb")])
+        assert info.value.interface == name
+        want = {"loopback": "loopback", "address": "198.51.100.7", "default_route": "default"}
+        assert want[kind] in info.value.reason
+        assert len(peer.calls("NetworkDriver.Leave")) == 2  # both joins undone at the plugin
+        assert snapshot(rctl, peer) == before  # the host kept `name`; no sandbox is left
+        assert name in links_here()
+        peer.do_NetworkDriver_Join = real  # type: ignore[method-assign]
+        keys = rctl.join_many([(a, "ca"), (b, "cb")])  # a well-behaved join still works
+        assert both_pings(keys[0], b.ipv4_address.ip)
 
 
 # --- misbehaviours: a PluginError, and nothing changed -----------------------------------

@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +154,21 @@ def test_cnm_drives_cnms_own_plugin_end_to_end(
     assert plugin.socket.exists()  # a crash leaves its socket behind
     assert both_pings(keys[1], a.ipv4_address.ip)
     # A leave while the plugin is down waits (the client's backoff) until it is back.
+    # The client's backoff sleep is where the wait shows: the first one reports that the
+    # call could not connect, and holds the leave there until the plugin is back.
+    client = actl.registry.get("cnm").client
+    real_sleep = client._sleep
+    retrying, resume = threading.Event(), threading.Event()
+    delays: list[float] = []
+
+    def backoff(delay: float) -> None:
+        delays.append(delay)
+        if not retrying.is_set():
+            retrying.set()
+            assert resume.wait(60)
+        real_sleep(delay)
+
+    client._sleep = backoff
     left: list[BaseException | None] = []
 
     def leave_a() -> None:
@@ -165,11 +179,16 @@ def test_cnm_drives_cnms_own_plugin_end_to_end(
             left.append(exc)
 
     worker = threading.Thread(target=leave_a)
-    worker.start()
-    time.sleep(0.2)
-    assert worker.is_alive()  # waiting for the plugin (the first retry is after 1 s)
-    plugin.start()  # replaces the stale socket
-    worker.join(60)
+    try:
+        worker.start()
+        assert retrying.wait(30), "the leave never tried the plugin"
+        # The call failed to connect and is in its first backoff: still blocked.
+        assert worker.is_alive() and left == [] and delays == [1.0]
+        plugin.start()  # replaces the stale socket
+    finally:
+        resume.set()
+        worker.join(60)
+        client._sleep = real_sleep
     assert left == [None]
     assert keys[0] not in {sb.key for sb in actl.sandboxes()}
     assert netns_dir(actl.run_dir) == [Path(keys[1]).name]

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +19,19 @@ from pathlib import Path
 import pytest
 
 from cnm.control import IPAMConfig, NetworkController, errors
-from cnm.control.driverapi import EndpointInfo, InterfaceInfo, NetworkInfo, SandboxInfo
+from cnm.control.driverapi import (
+    EndpointInfo,
+    GatewayAllocationCheck,
+    HostJoin,
+    InterfaceInfo,
+    NetworkInfo,
+    PortLimit,
+    SandboxInfo,
+    implements,
+)
 from cnm.control.drivers.remote import RemoteDriver, RemoteOptions, remote_driver
 from cnm.control.ipam.api import PoolRequest
-from cnm.control.ipam.remote import RemoteIpam, remote_ipam
+from cnm.control.ipam.remote import MAC_ADDRESS_OPTION, RemoteIpam, remote_ipam
 from cnm.control.plugins import ACCEPT, RETRY_DELAYS, PluginClient, Plugins, find_spec
 from cnm.control.types import PoolData
 from tests.plugin_peer import PeerPlugin
@@ -288,7 +298,10 @@ def test_capabilities(pdir: Path, peer: PeerPlugin, scope, conn, want) -> None:
     assert peer.calls("NetworkDriver.GetCapabilities")[0].raw == b""
 
 
-@pytest.mark.parametrize(("scope", "conn"), [("galactic", None), ("local", "everywhere")])
+@pytest.mark.parametrize(
+    ("scope", "conn"),
+    [("galactic", None), ("local", "everywhere"), ("swarm", None), ("local", "swarm")],
+)
 def test_unknown_scope_fails_registration(pdir: Path, peer: PeerPlugin, scope, conn) -> None:
     peer.scope, peer.connectivity_scope = scope, conn
     with pytest.raises(errors.PluginError, match="invalid") as info:
@@ -396,6 +409,34 @@ def test_endpoint_reply_changing_a_set_field_is_refused_and_the_endpoint_deleted
     assert peer.endpoints == {}
     drv.delete_endpoint("n" * 64, "e" * 64)  # the controller's rollback: nothing sent twice
     assert len(peer.calls("NetworkDriver.DeleteEndpoint")) == 1
+
+
+@pytest.mark.parametrize("name", [".", "..", "a b", "eth0:1", "x" * 16, "é" * 8, "a\x00b"])
+def test_a_src_name_that_is_no_interface_name_is_refused(
+    pdir: Path, peer: PeerPlugin, name: str
+) -> None:
+    drv = driver(pdir)
+    drv.create_network(NetworkInfo("n" * 64, "net", RemoteOptions.parse({}), (), ()))
+    drv.create_endpoint(EndpointInfo("e" * 64, "ep", "n" * 64, InterfaceInfo(), {}))
+    real = peer.do_NetworkDriver_Join
+
+    def named(body: dict) -> dict:
+        reply = real(body)
+        reply["InterfaceName"]["SrcName"] = name
+        return reply
+
+    peer.do_NetworkDriver_Join = named  # type: ignore[method-assign]
+    with pytest.raises(errors.PluginError, match="is not an interface name"):
+        drv.join("n" * 64, "e" * 64, SandboxInfo("s", "/k", "c"))
+    assert len(peer.calls("NetworkDriver.Leave")) == 1 and peer.joined == {}
+
+
+def test_opt_in_features_are_protocols(pdir: Path, peer: PeerPlugin) -> None:
+    """The remote driver asks GwAllocCheck through GatewayAllocationCheck; it has no port
+    limit and cannot join on the host (the plugin owns its devices)."""
+    drv = driver(pdir)
+    assert implements(drv, GatewayAllocationCheck)
+    assert not implements(drv, PortLimit) and not implements(drv, HostJoin)
 
 
 def test_an_unusable_join_reply_is_undone_with_leave(pdir: Path, peer: PeerPlugin) -> None:
@@ -725,3 +766,72 @@ def test_a_name_taken_while_the_ipam_plugin_answered_gives_everything_back(
         assert [e.name for e in net.endpoints()] == ["b"]
     finally:
         other.close()
+
+
+def _write_lock_free(state_dir: str) -> bool:
+    """Whether another connection could take the store's write lock right now."""
+    db = sqlite3.connect(os.path.join(state_dir, "state.db"), timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.rollback()
+        return True
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc), exc
+        return False
+    finally:
+        db.close()
+
+
+def test_a_remote_driver_is_first_resolved_outside_the_store_transaction(
+    rctl: NetworkController, dirs: tuple[str, str], pdir: Path, peer: PeerPlugin
+) -> None:
+    """A controller that has not used the plugin yet (another process) meets it first
+    in a join's port check: the handshake (Activate, GetCapabilities; retries, timeouts)
+    must not run while it holds the store's write lock."""
+    net = rctl.create_network("n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    ep = net.create_endpoint("a")
+    free: dict[str, bool] = {}
+    real_activate = peer.do_Plugin_Activate
+    real_caps = peer.do_NetworkDriver_GetCapabilities
+
+    def activate(body: dict) -> dict:
+        free["Plugin.Activate"] = _write_lock_free(dirs[0])
+        return real_activate(body)
+
+    def caps(body: dict) -> dict:
+        free["NetworkDriver.GetCapabilities"] = _write_lock_free(dirs[0])
+        return real_caps(body)
+
+    peer.do_Plugin_Activate = activate  # type: ignore[method-assign]
+    peer.do_NetworkDriver_GetCapabilities = caps  # type: ignore[method-assign]
+    with NetworkController(state_dir=dirs[0], run_dir=dirs[1], plugin_dirs=[str(pdir)]) as other:
+        assert "peer" not in other.drivers()
+        with pytest.raises(errors.Unsupported):  # a plugin's driver cannot join on the host
+            other.join_external(other.network("n").endpoint("a"))
+        assert "peer" in other.drivers()
+    assert free == {"Plugin.Activate": True, "NetworkDriver.GetCapabilities": True}
+    assert rctl.store.endpoint_by_id(ep.id).join_state == ""  # the intent was undone
+
+
+def test_an_ipam_requiring_the_mac_address_gets_it_with_each_endpoint_address(
+    rctl: NetworkController, peer: PeerPlugin
+) -> None:
+    """RequiresMACAddress: RequestAddress of an endpoint carries its MAC (the user's, or
+    one made before the allocation, as the engine does), which the endpoint keeps and the
+    network driver receives; a gateway request carries none."""
+    peer.requires_mac = True
+    net = rctl.create_network("n", driver="peer", ipam_driver="peer", ipv4=[v4(SUBNET)])
+    [gw] = peer.calls("IpamDriver.RequestAddress")
+    assert gw.body["Options"] == {"RequestAddressType": "com.docker.network.gateway"}
+    peer.clear()
+    mine = net.create_endpoint("a", mac_address="02:aa:bb:cc:dd:01")
+    made = net.create_endpoint("b")
+    sent = [r.body for r in peer.calls("IpamDriver.RequestAddress")]
+    assert [b["Options"] for b in sent] == [
+        {MAC_ADDRESS_OPTION: "02:aa:bb:cc:dd:01"},
+        {MAC_ADDRESS_OPTION: made.mac_address},
+    ]
+    assert mine.mac_address == "02:aa:bb:cc:dd:01"
+    assert int(made.mac_address[:2], 16) & 0x03 == 0x02  # locally administered, unicast
+    interfaces = [r.body["Interface"] for r in peer.calls("NetworkDriver.CreateEndpoint")]
+    assert [i["MacAddress"] for i in interfaces] == [mine.mac_address, made.mac_address]

@@ -452,6 +452,91 @@ def test_restart_between_join_and_leave(paths: dict[str, str]) -> None:
 
 
 @privileged
+def test_a_routed_join_after_a_restart_knows_the_endpoints_address(paths: dict[str, str]) -> None:
+    """The routed datapath's host route needs the endpoint's address at Join: the bridge
+    driver gets it from the controller (join_on_host's interface), not from a cache of
+    CreateEndpoint that a restart of the plugin emptied."""
+    plug = Plugin(paths["state"], paths["run"], paths["sock"])
+    try:
+        engine = Engine(paths["sock"])
+        engine.ok(
+            "NetworkDriver.CreateNetwork",
+            {
+                "NetworkID": NET,
+                "Options": {
+                    "com.docker.network.enable_ipv6": False,
+                    "com.docker.network.generic": {"com.cnm.bridge.datapath": "routed"},
+                },
+                "IPv4Data": [
+                    {"AddressSpace": "x", "Pool": "10.96.0.0/24", "Gateway": "10.96.0.1/24"}
+                ],
+                "IPv6Data": [],
+            },
+        )
+        engine.ok(
+            "NetworkDriver.CreateEndpoint",
+            {
+                "NetworkID": NET,
+                "EndpointID": EP,
+                "Interface": {"Address": "10.96.0.7/24", "AddressIPv6": "", "MacAddress": ""},
+                "Options": {},
+            },
+        )
+    finally:
+        plug.stop()
+    plug = Plugin(paths["state"], paths["run"], paths["sock"])
+    try:
+        engine = Engine(paths["sock"])
+        join = engine.ok(
+            "NetworkDriver.Join",
+            {"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/x", "Options": {}},
+        )
+        src = join["InterfaceName"]["SrcName"]
+        (host,) = [n for n in links() if n.startswith("vc")]  # named after cnm's own id
+        assert src in links()
+        routes = {(r["dst"], r.get("dev")) for r in ip_json("-4", "route", "show")}
+        assert ("10.96.0.7", host) in routes
+        halves = {r["Destination"] for r in join["StaticRoutes"]}
+        assert halves == {"10.96.0.0/25", "10.96.0.128/25"}
+        engine.ok("NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP})
+        engine.ok("NetworkDriver.DeleteEndpoint", {"NetworkID": NET, "EndpointID": EP})
+        engine.ok("NetworkDriver.DeleteNetwork", {"NetworkID": NET})
+        wait_gone({src, host})
+        assert not plug.ctl.store.networks()
+    finally:
+        plug.stop()
+
+
+@privileged
+def test_the_socket_is_never_looser_than_0660(
+    paths: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a permissive umask (0), the socket file has no more than 0660 from the moment
+    bind creates it (seen at the chmod that follows), not only once started."""
+    seen: list[int] = []
+    real_chmod = os.chmod
+
+    def chmod(path: Any, mode: int, *args: Any, **kw: Any) -> None:
+        if str(path) == paths["sock"]:
+            seen.append(os.stat(path).st_mode & 0o777)
+        real_chmod(path, mode, *args, **kw)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    old = os.umask(0)
+    try:
+        plug = Plugin(paths["state"], paths["run"], paths["sock"])
+    finally:
+        os.umask(old)
+    try:
+        assert seen == [0o660]
+        assert os.stat(paths["sock"]).st_mode & 0o777 == 0o660
+        Engine(paths["sock"]).ok("Plugin.Activate")
+    finally:
+        plug.stop()
+    assert not os.path.exists(paths["sock"])
+
+
+@privileged
 def test_live_socket_is_not_taken_over(plugin: Plugin, paths: dict[str, str]) -> None:
     other = PluginServer(PluginBackend(plugin.ctl), paths["sock"])
     with pytest.raises(errors.Conflict):
