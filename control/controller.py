@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnm import fastpath
 from cnm.fastpath.bulk import Route
@@ -87,6 +87,9 @@ from .types import (
     parse_string_map,
     validate_name,
 )
+
+if TYPE_CHECKING:
+    from .globalscope import GlobalScope
 
 _log = logging.getLogger(__name__)
 REAP_DELAY = 0.05  # seconds a burst of leaves has to join one group delete
@@ -304,6 +307,11 @@ class NetworkController:
         return drv
 
     # --- hooks for the global scope (control/globalscope.py) -----------------------------
+
+    @property
+    def global_scope(self) -> GlobalScope | None:
+        """The global scope (etcd) of a controller made with `store=`, else None."""
+        return self._global
 
     @property
     def state_lock(self) -> threading.RLock:
@@ -662,7 +670,9 @@ class NetworkController:
         with self._store.tx():
             delete()
 
-    def _release_network_pools(self, rec: NetworkRecord) -> None:
+    def _release_network_pools(self, rec: NetworkRecord, *, missing_ok: bool = False) -> None:
+        """Give back the network's gateway and aux addresses, then its pools; with
+        missing_ok (reconcile) a pool that is gone already counts as given back."""
         if rec.ipam_driver == "null":
             return
         ipam = self.ipam_driver(rec.ipam_driver)
@@ -673,7 +683,11 @@ class NetworkController:
                     ipam.release_address(pool_id, addr)  # type: ignore[arg-type]
                 except errors.CNMError as exc:  # the pool's release below frees it anyway
                     _log.warning("network %s: release %s: %s", rec.name, addr, exc)
-            ipam.release_pool(pool.pool_id)
+            try:
+                ipam.release_pool(pool.pool_id)
+            except errors.NotFound:
+                if not missing_ok:
+                    raise
 
     def _delete_network(self, net: Network) -> None:
         with self._lock:

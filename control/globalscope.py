@@ -548,7 +548,7 @@ def run_agent(
     with NetworkController(
         state_dir=state_dir, run_dir=run_dir, fastpath=fastpath, store=store
     ) as ctl:
-        scope: GlobalScope | None = ctl._global
+        scope = ctl.global_scope
         if scope is not None and repair_interval is not None:
             scope.repair_interval = repair_interval
 

@@ -146,9 +146,10 @@ class _Repairer:
 
                 if not _attempt(report, f"delete endpoint {ep.id}", delete):
                     continue
-                with store.tx():
-                    self.ctl._release_endpoint_addresses(net, [ep])
-                    store.delete_endpoints([ep.id])
+                if not _attempt(
+                    report, f"release addresses of endpoint {ep.id}", self.endpoint_gone(net, ep)
+                ):
+                    continue
                 kind = (
                     "endpoint_create_rolled_back"
                     if ep.state == "creating"
@@ -247,24 +248,64 @@ class _Repairer:
                 report.add("network_delete_cancelled", net.id, f"network {net.name} has endpoints")
                 continue
 
+            if not self.withdraw(net):
+                continue
+
             def delete(net: NetworkRecord = net) -> None:
                 self.driver_for(net).delete_network(net.id)
 
             if not _attempt(report, f"delete network {net.name}", delete):
                 continue
-            with store.tx():
-                if net.ipam_driver != "null":
-                    ipam = self.ctl.ipam_driver(net.ipam_driver)
-                    for pool in (*net.ipv4, *net.ipv6):
-                        with contextlib.suppress(errors.NotFound):
-                            ipam.release_pool(pool.pool_id)
-                store.delete_network(net.id)
+            if not _attempt(report, f"release pools of network {net.name}", self.network_gone(net)):
+                continue
             kind = (
                 "network_create_rolled_back"
                 if net.state == "creating"
                 else "network_delete_completed"
             )
             report.add(kind, net.id, f"network {net.name}")
+
+    def endpoint_gone(self, net: NetworkRecord, ep: EndpointRecord) -> Callable[[], None]:
+        """The endpoint's addresses given back, then its record deleted, by the
+        controller's rule: in one store transaction for the store's own pools; a
+        plugin's or the global address space's (etcd) calls first, outside it."""
+
+        def release() -> None:
+            with contextlib.suppress(errors.NotFound):  # its pool went before a crash
+                self.ctl._release_endpoint_addresses(net, [ep])
+
+        return lambda: self.ctl._release_then_delete(
+            net, release, lambda: self.store.delete_endpoints([ep.id])
+        )
+
+    def network_gone(self, net: NetworkRecord) -> Callable[[], None]:
+        """The network's addresses and pools given back (in the protocol's order), then
+        its record deleted, by the same rule as endpoint_gone."""
+        return lambda: self.ctl._release_then_delete(
+            net,
+            lambda: self.ctl._release_network_pools(net, missing_ok=True),
+            lambda: self.store.delete_network(net.id),
+        )
+
+    def withdraw(self, net: NetworkRecord) -> bool:
+        """A global-scope network's records taken out of etcd before its delete is
+        finished here (other hosts then drop their mirror of it), as the controller's
+        delete does: refused while another host has endpoints on it. True when done (or
+        nothing to do); otherwise the error is reported and the intent stays for the
+        next reconcile. A creation rolled back is withdrawn without the check (as the
+        controller's own rollback), and, if etcd is away, again by the agent."""
+        scope = self.ctl.global_scope
+        if scope is None or net.scope == "local":
+            return True
+        try:
+            scope.withdraw_network(net, check=net.state == "deleting")
+        except errors.CNMError as exc:
+            self.report.errors.append(
+                f"withdraw network {net.name} from the global store: {exc} "
+                f"(it stays {net.state!r} for the next reconcile)"
+            )
+            return False
+        return True
 
     def ipam_orphans(self, ipam: DefaultIpam) -> None:
         store, report = self.store, self.report

@@ -367,15 +367,15 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
         if op == "reconcile":
             return ctl.reconcile().to_dict()
         if op == "status":
-            return ctl._global.status()
+            return ctl.global_scope.status()
         if op == "etcd_endpoint":  # the member this host's store talks to now
-            etcd = ctl._global.etcd
+            etcd = ctl.global_scope.etcd
             host, port = etcd.url.endpoints[etcd._current]
             return f"{host}:{port}"
         if op == "overlay_key":
-            return ctl._global.links.key(ctl.network(a["name"]).id)
+            return ctl.global_scope.links.key(ctl.network(a["name"]).id)
         if op == "vni":
-            return ctl._global.driver.vni(ctl.network(a["name"]).id)
+            return ctl.global_scope.driver.vni(ctl.network(a["name"]).id)
         raise ValueError(f"unknown op {op!r}")
 
     for line in sys.stdin:

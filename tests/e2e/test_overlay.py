@@ -416,3 +416,43 @@ def test_partition_is_noticed_and_updates_made_meanwhile_converge(rig: Rig) -> N
         h3.stop()
         h3.env = rig.env
         h3.start()
+
+
+def test_reconcile_completes_a_global_delete_left_by_a_crash(rig: Rig) -> None:
+    """Host 1's controller dies in the middle of deleting a global network (the intent,
+    "deleting", is in its store; the network's records are still in etcd). Reconcile
+    after the restart completes the delete: the records are withdrawn, so the other
+    hosts drop the network, and its subnet, VNI and name can be claimed again."""
+    import sqlite3
+
+    vni = {"com.docker.network.driver.overlay.vxlanid_list": "777002"}
+    net = _net(rig, subnet="10.229.0.0/24", options=vni)
+    h1 = rig.host(1)
+    net_id = h1.call("network", name=net)["id"]
+    for i in (2, 3):
+        assert wait_for(lambda i=i: net in rig.host(i).call("networks"), 10)
+    assert h1.proc is not None
+    h1.proc.kill()  # the crash
+    h1.proc.wait()
+    h1.proc = None
+    # What the delete had done by then: its intent written (the state write of
+    # NetworkController._delete_network), nothing else.
+    db = sqlite3.connect(f"{h1.state}/state.db")
+    try:
+        with db:
+            db.execute("UPDATE networks SET state='deleting' WHERE id=?", (net_id,))
+    finally:
+        db.close()
+    h1.start()
+    assert net in rig.host(2).call("networks")  # etcd still has it
+    report = h1.call("reconcile")
+    assert report["errors"] == []
+    kinds = [r["kind"] for r in report["repairs"] if r["object"] == net_id]
+    assert kinds == ["network_delete_completed"]
+    assert net not in h1.call("networks")
+    for i in (2, 3):
+        assert wait_for(lambda i=i: net not in rig.host(i).call("networks"), 10), i
+    h2 = rig.host(2)
+    h2.call("create_network", name=net, subnet="10.229.0.0/24", options=vni)
+    assert h2.call("vni", name=net) == 777002
+    h2.call("delete_network", name=net)

@@ -372,7 +372,7 @@ def test_failed_create_leaves_nothing_even_if_its_publication_is_mirrored_meanwh
     """The race behind a NameInUse on a fresh clone: the agent hears of the network's
     publication while the create is still going and waits for the controller's lock;
     the create fails and withdraws it; the agent must not mirror it back then."""
-    scope = gctl._global
+    scope = gctl.global_scope
     agents: list[threading.Thread] = []
 
     def refuse(info: object) -> None:
@@ -400,7 +400,7 @@ def test_failed_create_leaves_nothing_even_if_its_publication_is_mirrored_meanwh
 def test_a_stale_read_does_not_remove_a_published_network(gctl: NetworkController) -> None:
     """A resync's read, or a DELETE event, older than a publication made since (a
     network created here meanwhile, a delete rolled back): the mirror stays."""
-    scope = gctl._global
+    scope = gctl.global_scope
     net = _overlay(gctl, "kept", "10.243.0.0/24")
     with gctl.state_lock:
         scope._mirror_remove(net.id)
@@ -411,7 +411,7 @@ def test_a_stale_read_does_not_remove_a_published_network(gctl: NetworkControlle
 def test_global_allocations_are_made_outside_the_store_transaction(
     gctl: NetworkController, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scope = gctl._global
+    scope = gctl.global_scope
     ipam = scope.ipam
     calls: list[tuple[str, str, int]] = []
     main = threading.current_thread()
@@ -449,7 +449,7 @@ def test_global_allocations_are_made_outside_the_store_transaction(
 def test_global_allocations_are_given_back_when_the_store_write_fails(
     gctl: NetworkController, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scope = gctl._global
+    scope = gctl.global_scope
 
     def broken(*args: object) -> None:
         raise errors.StoreError("disk full (test)")
@@ -476,7 +476,7 @@ def test_withdrawal_takes_a_name_only_from_its_own_network(
 ) -> None:
     from dataclasses import replace
 
-    scope = gctl._global
+    scope = gctl.global_scope
     net = _overlay(gctl, "n3", "10.238.0.0/24")
     stale = replace(net.record, id=new_id())  # a stale mirror of an older "n3"
     scope.withdraw_network(stale, check=False)
@@ -499,7 +499,7 @@ def test_withdrawal_takes_a_name_only_from_its_own_network(
 def test_a_failed_driver_delete_republishes_the_network(
     gctl: NetworkController, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scope = gctl._global
+    scope = gctl.global_scope
     net = _overlay(gctl, "n4", "10.239.0.0/24")
     published = json.dumps(scope.etcd.get(f"networks/{net.id}").value)  # type: ignore[union-attr]
 
@@ -540,7 +540,7 @@ def test_close_stops_the_agent_before_the_stores_close(
     ctl = NetworkController(
         state_dir=str(tmp_path / "state"), run_dir=str(tmp_path / "run"), store=etcd.url
     )
-    scope = ctl._global
+    scope = ctl.global_scope
     entered = threading.Event()
     real_range = scope.etcd.range
 
@@ -571,3 +571,148 @@ def test_close_stops_the_agent_before_the_stores_close(
     assert touched == []
     assert took < 1.5 + 5, took
     assert scope.etcd.closed
+
+
+# --- reconcile and the global scope ----------------------------------------------------
+
+
+def _write_lock_free(state_dir: str) -> bool:
+    """Whether another connection could take the store's write lock right now."""
+    import os
+    import sqlite3
+
+    db = sqlite3.connect(os.path.join(state_dir, "state.db"), timeout=0)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.rollback()
+        return True
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc), exc
+        return False
+    finally:
+        db.close()
+
+
+def _left_deleting(ctl: NetworkController, net_id: str, ep_id: str | None = None) -> None:
+    """The intents a crash mid-delete leaves in the store (the network's, an endpoint's)."""
+    from dataclasses import replace
+
+    if ep_id is not None:
+        ep = ctl.store.endpoint_by_id(ep_id)
+        assert ep is not None
+        ctl.store.put_endpoint(replace(ep, state="deleting"))
+    ctl.store.set_network_state(net_id, "deleting")
+
+
+def test_reconcile_gives_global_pools_back_outside_the_store_transaction(
+    gctl: NetworkController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each etcd call of reconcile's repairs (withdrawal, addresses, pools) hangs until
+    the test has checked that another connection can take the store's write lock."""
+    import queue
+
+    scope = gctl.global_scope
+    assert scope is not None
+    net = _overlay(gctl, "r1", "10.244.0.0/24")
+    [ep] = net.create_endpoints(["a"])
+    [pool] = net.record.ipv4
+    _left_deleting(gctl, net.id, ep.id)
+    hung: queue.Queue[tuple[str, threading.Event]] = queue.Queue()
+    main = threading.current_thread()
+    targets = {
+        "release_address": scope.ipam,
+        "release_pool": scope.ipam,
+        "withdraw_network": scope,
+    }
+    reals = {name: getattr(obj, name) for name, obj in targets.items()}
+    for name, obj in targets.items():
+
+        def hang(*args: object, _real=reals[name], _name=name, **kw: object):
+            if threading.current_thread() is not main:
+                go = threading.Event()
+                hung.put((_name, go))
+                assert go.wait(10)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(obj, name, hang)
+    seen: list[tuple[str, bool]] = []
+    with ThreadPoolExecutor(1) as pool_:
+        fut = pool_.submit(gctl.reconcile)
+        while not fut.done() or not hung.empty():
+            try:
+                name, go = hung.get(timeout=0.1)
+            except Exception:
+                continue
+            seen.append((name, _write_lock_free(gctl.state_dir)))
+            go.set()
+        report = fut.result()
+    monkeypatch.undo()
+    assert report.errors == []
+    kinds = [r.kind for r in report.repairs]
+    assert "endpoint_delete_completed" in kinds and "network_delete_completed" in kinds
+    # The endpoint's address, then the network's withdrawal, its gateway and its pool.
+    assert [n for n, _ in seen] == [
+        "release_address",
+        "withdraw_network",
+        "release_address",
+        "release_pool",
+    ]
+    assert all(free for _, free in seen), seen  # none held BEGIN IMMEDIATE
+    assert gctl.store.network_by_id(net.id) is None
+    assert gctl.store.endpoint_by_id(ep.id) is None
+    assert pool.pool_id not in scope.ipam.global_pools()
+    assert scope.etcd.get("names/r1") is None and scope.etcd.get(f"networks/{net.id}") is None
+
+
+def test_reconcile_keeps_a_global_delete_while_etcd_is_away(
+    gctl: NetworkController, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd cannot take the withdrawal: the error is reported and the network stays
+    'deleting' with its records and pools; the next reconcile completes it."""
+    scope = gctl.global_scope
+    assert scope is not None
+    net = _overlay(gctl, "r2", "10.245.0.0/24")
+    [pool] = net.record.ipv4
+    _left_deleting(gctl, net.id)
+
+    def away(*args: object, **kw: object) -> None:
+        raise errors.GlobalStoreUnavailable("etcd away (test)")
+
+    monkeypatch.setattr(scope.etcd, "txn", away)
+    report = gctl.reconcile()
+    monkeypatch.undo()
+    assert "network_delete_completed" not in [r.kind for r in report.repairs]
+    assert any("withdraw network r2" in e and "deleting" in e for e in report.errors)
+    assert gctl.store.network_by_id(net.id).state == "deleting"  # type: ignore[union-attr]
+    assert scope.etcd.get("names/r2").value == net.id  # type: ignore[union-attr]
+    assert pool.pool_id in scope.ipam.global_pools()
+    report = gctl.reconcile()
+    assert report.errors == []
+    assert "network_delete_completed" in [r.kind for r in report.repairs]
+    assert gctl.store.network_by_id(net.id) is None
+    assert scope.etcd.get("names/r2") is None and scope.etcd.get(f"networks/{net.id}") is None
+    assert pool.pool_id not in scope.ipam.global_pools()
+    _overlay(gctl, "r2", "10.245.0.0/24").delete()  # name and subnet are free again
+
+
+def test_reconcile_keeps_a_global_delete_while_another_host_has_endpoints(
+    gctl: NetworkController, tmp_path: Path
+) -> None:
+    """The crashed delete cannot be finished while another host's endpoint holds an
+    address of the network's pools: reported, left 'deleting' for a later reconcile."""
+    net = _overlay(gctl, "r3", "10.246.0.0/24")
+    _left_deleting(gctl, net.id)
+    scope = gctl.global_scope
+    assert scope is not None
+    [pool] = net.record.ipv4
+    other = ScopedIpam(SQLiteStore(str(tmp_path / "other")), scope.etcd, host="h2", routes=list)
+    addr = other.request_address(pool.pool_id, owner="an-endpoint-elsewhere").ip
+    report = gctl.reconcile()
+    assert "network_delete_completed" not in [r.kind for r in report.repairs]
+    assert any("ActiveEndpoints" in e or "endpoints" in e for e in report.errors), report.errors
+    assert gctl.store.network_by_id(net.id).state == "deleting"  # type: ignore[union-attr]
+    assert scope.etcd.get("names/r3").value == net.id  # type: ignore[union-attr]
+    other.release_address(pool.pool_id, addr)
+    report = gctl.reconcile()
+    assert report.errors == [] and "network_delete_completed" in [r.kind for r in report.repairs]
+    assert scope.etcd.get("names/r3") is None and pool.pool_id not in scope.ipam.global_pools()
