@@ -43,7 +43,7 @@ def demo(
     with NetworkController(state_dir=state_dir, run_dir=run_dir, fastpath=fastpath) as ctl:
         say(
             f"cnm demo: {containers} containers on a bridge network "
-            f"(fast path: {ctl.fastpath}, store: {ctl.store.path})"
+            f"(fast path: {ctl.fastpath}, eBPF data path: {ctl.ebpf}, store: {ctl.store.path})"
         )
         net = ctl.create_network(f"cnm-demo-{tag}", driver="bridge")
         ids = [f"demo-{tag}-{i}-{new_id()[:8]}" for i in range(containers)]
