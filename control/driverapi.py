@@ -328,6 +328,19 @@ class GatewayAllocationCheck(Protocol):
         ...
 
 
+class JoinsInBulk:
+    """Mixin for a BulkJoin driver: one join or leave is a batch of one."""
+
+    def join(self, network_id: str, endpoint_id: str, sandbox: SandboxInfo) -> JoinInfo:
+        result = self.join_many([(network_id, endpoint_id, sandbox)])[0]  # type: ignore[attr-defined]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    def leave(self, network_id: str, endpoint_id: str) -> None:
+        self.leave_many([(network_id, endpoint_id)])  # type: ignore[attr-defined]
+
+
 _implements: dict[tuple[type, type], bool] = {}
 
 

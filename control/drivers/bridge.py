@@ -42,6 +42,7 @@ from ..driverapi import (
     EndpointInfo,
     InterfaceInfo,
     JoinInfo,
+    JoinsInBulk,
     NetworkInfo,
     SandboxInfo,
     StaticRoute,
@@ -153,7 +154,7 @@ class _Net:
         return None
 
 
-class BridgeDriver:
+class BridgeDriver(JoinsInBulk):
     name = "bridge"
     capability = Capability(data_scope="local", connectivity_scope="local")
     options_type = BridgeOptions
@@ -272,12 +273,6 @@ class BridgeDriver:
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         self._ifaces.pop(endpoint_id, None)
         return None
-
-    def join(self, network_id: str, endpoint_id: str, sandbox: SandboxInfo) -> JoinInfo:
-        result = self.join_many([(network_id, endpoint_id, sandbox)])[0]
-        if isinstance(result, errors.CNMError):
-            raise result
-        return result
 
     def join_many(
         self, items: Sequence[tuple[str, str, SandboxInfo]]
@@ -420,9 +415,6 @@ class BridgeDriver:
             static_routes=info.static_routes,
             disable_gateway_service=info.disable_gateway_service,
         )
-
-    def leave(self, network_id: str, endpoint_id: str) -> None:
-        self.leave_many([(network_id, endpoint_id)])
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None:
         names = [host_name(eid) for _, eid in items]

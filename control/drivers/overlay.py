@@ -26,6 +26,7 @@ from ..driverapi import (
     EndpointInfo,
     InterfaceInfo,
     JoinInfo,
+    JoinsInBulk,
     NetworkInfo,
     SandboxInfo,
     option,
@@ -100,7 +101,7 @@ class _Net:
     peers: dict[str, PeerEntry] = field(default_factory=dict)  # remote endpoints
 
 
-class OverlayDriver:
+class OverlayDriver(JoinsInBulk):
     name = "overlay"
     capability = Capability(data_scope="global", connectivity_scope="global")
     options_type = OverlayOptions
@@ -271,12 +272,6 @@ class OverlayDriver:
     def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
         return None
 
-    def join(self, network_id: str, endpoint_id: str, sandbox: SandboxInfo) -> JoinInfo:
-        result = self.join_many([(network_id, endpoint_id, sandbox)])[0]
-        if isinstance(result, errors.CNMError):
-            raise result
-        return result
-
     def join_many(
         self, items: Sequence[tuple[str, str, SandboxInfo]]
     ) -> list[JoinInfo | errors.CNMError]:
@@ -313,9 +308,6 @@ class OverlayDriver:
                         src_name=spec.peer_name, in_sandbox=True, dst_prefix="eth"
                     )
         return out
-
-    def leave(self, network_id: str, endpoint_id: str) -> None:
-        self.leave_many([(network_id, endpoint_id)])
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None:
         by_net: dict[str, list[str]] = {}
