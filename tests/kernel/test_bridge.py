@@ -23,7 +23,6 @@ import pytest
 
 from cnm.control import IPAMConfig, NetworkController, errors
 from cnm.control.osl.links import GRAVEYARD_GROUP
-from cnm.control.osl.ping import ping as cnm_ping
 from cnm.fastpath import netns
 
 from .oracles import (
@@ -44,6 +43,7 @@ from .oracles import (
     nsfs_mounts,
     wait_until,
 )
+from .pings import both_pings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
@@ -100,23 +100,6 @@ def live_ports_of(bridge: str) -> set[str]:
         for p, info in bridge_ports().items()
         if info.get("master") == bridge and info.get("state") != "disabled"
     }
-
-
-def both_pings(key: str, address: object) -> bool:
-    """The independent `ping` and cnm's osl.ping agree; the verdict.
-
-    A round where they disagree (one echo lost on a loaded machine) is tried again, with
-    a longer wait; only a disagreement that persists fails the test."""
-    for timeout in (1, 2, 3):
-        theirs = ns_ping(key, address, timeout=timeout)
-        try:
-            cnm_ping(key, ipaddress.ip_address(str(address)), timeout=float(timeout))
-            ours = True
-        except errors.CNMError:
-            ours = False
-        if theirs == ours:
-            return theirs
-    raise AssertionError(f"ping and osl.ping disagree about {address} from {key}")
 
 
 def leftovers() -> list[str]:

@@ -14,7 +14,6 @@ controller's store, the kernel and the plugin's own pools as they were. Judged w
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import sqlite3
 import subprocess
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from cnm.control import IPAMConfig, NetworkController, errors
-from cnm.control.osl.ping import ping as cnm_ping
 from tests.plugin_peer import PeerPlugin
 
 from .oracles import (
@@ -33,10 +31,10 @@ from .oracles import (
     netns_dir,
     ns_addrs,
     ns_links,
-    ns_ping,
     ns_routes,
     wait_until,
 )
+from .pings import both_pings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
@@ -101,21 +99,6 @@ def snapshot(ctl: NetworkController, peer: PeerPlugin) -> dict[str, object]:
         "peer_endpoints": sorted(peer.endpoints),
         "peer_joined": sorted(peer.joined),
     }
-
-
-def both_pings(key: str, address: object) -> bool:
-    """The independent `ping` and cnm's osl.ping agree; the verdict (a disagreement is
-    retried with a longer wait, as one echo may be lost on a loaded machine)."""
-    for timeout in (1, 2, 3):
-        theirs = ns_ping(key, address, timeout=timeout)
-        try:
-            cnm_ping(key, ipaddress.ip_address(str(address)), timeout=float(timeout))
-            ours = True
-        except errors.CNMError:
-            ours = False
-        if theirs == ours:
-            return theirs
-    raise AssertionError(f"ping and osl.ping disagree about {address} from {key}")
 
 
 def body(peer: PeerPlugin, method: str, index: int = -1) -> dict:

@@ -14,7 +14,6 @@ they were. Judged with `ip -j`, `nsenter ... ping` and sqlite3, next to cnm's os
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from cnm.control import IPAMConfig, NetworkController, errors
-from cnm.control.osl.ping import ping as cnm_ping
 from tests.plugin_process import CnmPlugin, store_rows
 
 from .oracles import (
@@ -33,11 +31,11 @@ from .oracles import (
     netns_dir,
     ns_addrs,
     ns_links,
-    ns_ping,
     ns_routes,
     nsfs_mounts,
     wait_until,
 )
+from .pings import both_pings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
@@ -75,21 +73,6 @@ def actl(dirs: tuple[str, str], plugin: CnmPlugin) -> Iterator[NetworkController
                     ctl.delete_endpoints(net.endpoints(), force=True)
                 with contextlib.suppress(Exception):
                     net.delete()
-
-
-def both_pings(key: str, address: object) -> bool:
-    """The independent `ping` and cnm's osl.ping agree; the verdict (a disagreement is
-    retried with a longer wait: one echo may be lost on a loaded machine)."""
-    for timeout in (1, 2, 3):
-        theirs = ns_ping(key, address, timeout=timeout)
-        try:
-            cnm_ping(key, ipaddress.ip_address(str(address)), timeout=float(timeout))
-            ours = True
-        except errors.CNMError:
-            ours = False
-        if theirs == ours:
-            return theirs
-    raise AssertionError(f"ping and osl.ping disagree about {address} from {key}")
 
 
 def plugin_bridge() -> str:
