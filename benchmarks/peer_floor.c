@@ -31,60 +31,7 @@
 #define AF_BRIDGE 7
 #endif
 
-#define CHUNK_BYTES (96 * 1024)
-#define CHUNK_MSGS 512
-
-static char buf[CHUNK_BYTES + 4096];
-static size_t used;
-static unsigned seq = 1;
-
-static void put_attr(struct nlmsghdr *n, int type, const void *data, int len) {
-    struct rtattr *rta = (struct rtattr *)((char *)n + NLMSG_ALIGN(n->nlmsg_len));
-    rta->rta_type = type;
-    rta->rta_len = RTA_LENGTH(len);
-    if (len) memcpy(RTA_DATA(rta), data, len);
-    n->nlmsg_len = NLMSG_ALIGN(n->nlmsg_len) + RTA_ALIGN(rta->rta_len);
-}
-
-static struct nlmsghdr *begin(int type, int flags, const struct ndmsg *nd) {
-    struct nlmsghdr *n = (struct nlmsghdr *)(buf + used);
-    memset(n, 0, NLMSG_SPACE(sizeof *nd));
-    n->nlmsg_len = NLMSG_LENGTH(sizeof *nd);
-    n->nlmsg_type = type;
-    n->nlmsg_flags = NLM_F_REQUEST | flags;
-    n->nlmsg_seq = seq++;
-    memcpy(NLMSG_DATA(n), nd, sizeof *nd);
-    return n;
-}
-
-/* Send the buffer (the last message asks for the ACK); count error replies. */
-static int flush(int fd, struct nlmsghdr *last) {
-    static char rbuf[1 << 20];
-    int errors = 0;
-    last->nlmsg_flags |= NLM_F_ACK;
-    if (send(fd, buf, used, 0) < 0) { perror("send"); exit(1); }
-    for (;;) {
-        ssize_t len = recv(fd, rbuf, sizeof rbuf, 0);
-        if (len < 0) { perror("recv"); exit(1); }
-        for (struct nlmsghdr *h = (struct nlmsghdr *)rbuf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
-            if (h->nlmsg_type != NLMSG_ERROR) continue;
-            struct nlmsgerr *e = NLMSG_DATA(h);
-            if (e->error) errors++;
-            if (h->nlmsg_seq == last->nlmsg_seq) { used = 0; return errors; }
-        }
-    }
-}
-
-static int open_rtnl(void) {
-    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
-    int one = 1, size = 4 << 20;
-    setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, &one, sizeof one);
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size);
-    struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
-    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) { perror("socket"); exit(1); }
-    return fd;
-}
+#include "nl_floor.h"
 
 static void peer_mac(int i, unsigned char mac[6]) {
     mac[0] = 0x02; mac[1] = 0x42; mac[2] = 0x0a;
@@ -113,19 +60,19 @@ static void message(int k, int n, int ifindex, int add) {
         nd.ndm_family = AF_BRIDGE;
         nd.ndm_flags = NTF_SELF;
         nd.ndm_state = add ? NUD_PERMANENT | NUD_NOARP : 0;
-        m = begin(type, flags, &nd);
+        m = begin(type, flags, &nd, sizeof nd);
         peer_vtep(i, ip);
         put_attr(m, NDA_LLADDR, mac, 6);
         put_attr(m, NDA_DST, ip, 4);
     } else {
         nd.ndm_family = AF_INET;
         nd.ndm_state = add ? NUD_PERMANENT : 0;
-        m = begin(type, flags, &nd);
+        m = begin(type, flags, &nd, sizeof nd);
         peer_ip(i, ip);
         put_attr(m, NDA_DST, ip, 4);
         if (add) put_attr(m, NDA_LLADDR, mac, 6);
     }
-    used += NLMSG_ALIGN(m->nlmsg_len);
+    finish(m);
 }
 
 static int program(int fd, int n, int ifindex, int add) {
