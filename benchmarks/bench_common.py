@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 
 def best_of(
@@ -61,3 +67,14 @@ def settle(limit: float = 15.0) -> None:
         b1, t1 = _busy_jiffies()
         if t1 > t0 and (b1 - b0) / (t1 - t0) < 0.10:
             return
+
+
+def build_c(name: str, out_dir: str) -> str:
+    """benchmarks/<name>.c compiled with -O2 into out_dir; the test is skipped (with the
+    reason) on a host without a C compiler."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        pytest.skip(f"no C compiler to build benchmarks/{name}.c (a same-run reference)")
+    out = os.path.join(out_dir, name)
+    subprocess.run([gcc, "-O2", "-o", out, str(Path(__file__).with_name(f"{name}.c"))], check=True)
+    return out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -35,7 +34,7 @@ from cnm.ebpf.redirect import RedirectEndpoint, RedirectOwner
 from cnm.ebpf.tunnel import TunnelEndpoint, TunnelOwner, TunnelPeer
 from cnm.fastpath import netns
 
-from .bench_common import settle
+from .bench_common import build_c, settle
 
 pytestmark = pytest.mark.privileged
 
@@ -231,13 +230,7 @@ def _tcp_bps(report: dict) -> float:
 
 @pytest.fixture(scope="module")
 def flood_binary(tmp_path_factory: pytest.TempPathFactory) -> str:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler for the UDP sender")
-    out = str(tmp_path_factory.mktemp("flood") / "udp_flood")
-    src = Path(__file__).with_name("udp_flood.c")
-    subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
-    return out
+    return build_c("udp_flood", str(tmp_path_factory.mktemp("flood")))
 
 
 def _udp_pps(pair: Pair | Overlay, binary: str) -> float:

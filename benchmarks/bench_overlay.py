@@ -38,7 +38,7 @@ from cnm.fastpath import netns, rtnl
 from cnm.fastpath.records import neigh_record
 from cnm.fastpath.transport import NetlinkSocket
 
-from .bench_common import record_ratio, settle
+from .bench_common import build_c, record_ratio, settle
 
 pytestmark = pytest.mark.privileged
 PEERS = int(os.environ.get("CNM_BENCH_PEERS", "10000"))
@@ -60,14 +60,8 @@ def _peers(n: int) -> list[PeerEntry]:
 @pytest.fixture(scope="module")
 def peer_floor() -> Iterator[str]:
     """benchmarks/peer_floor.c built here: the C floor for peer programming."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler for the kernel-floor reference")
     with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "peer_floor")
-        src = Path(__file__).with_name("peer_floor.c")
-        subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
-        yield out
+        yield build_c("peer_floor", d)
 
 
 def _floor_round(binary: str, dev: OverlayDevices) -> tuple[float, float]:

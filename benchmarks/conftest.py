@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests import harness
+
+from .bench_common import build_c
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,14 +26,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session")
 def floor_binary() -> Iterator[str]:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler for the kernel-floor reference")
     with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "attach_floor")
-        src = Path(__file__).with_name("attach_floor.c")
-        subprocess.run([gcc, "-O2", "-o", out, str(src)], check=True)
-        yield out
+        yield build_c("attach_floor", d)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from cnm.control.ipam.scoped import ScopedIpam
 from cnm.control.store.etcd import Compare, Delete, EtcdStore, EtcdURL, Event, Put, WatchLost
 from cnm.control.store.sqlite import SQLiteStore
 from cnm.control.types import new_id
+from tests.store_probe import write_lock_free
 
 pytestmark = [
     pytest.mark.privileged,
@@ -576,23 +577,6 @@ def test_close_stops_the_agent_before_the_stores_close(
 # --- reconcile and the global scope ----------------------------------------------------
 
 
-def _write_lock_free(state_dir: str) -> bool:
-    """Whether another connection could take the store's write lock right now."""
-    import os
-    import sqlite3
-
-    db = sqlite3.connect(os.path.join(state_dir, "state.db"), timeout=0)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.rollback()
-        return True
-    except sqlite3.OperationalError as exc:
-        assert "locked" in str(exc), exc
-        return False
-    finally:
-        db.close()
-
-
 def _left_deleting(ctl: NetworkController, net_id: str, ep_id: str | None = None) -> None:
     """The intents a crash mid-delete leaves in the store (the network's, an endpoint's)."""
     from dataclasses import replace
@@ -643,7 +627,7 @@ def test_reconcile_gives_global_pools_back_outside_the_store_transaction(
                 name, go = hung.get(timeout=0.1)
             except Exception:
                 continue
-            seen.append((name, _write_lock_free(gctl.state_dir)))
+            seen.append((name, write_lock_free(gctl.state_dir)))
             go.set()
         report = fut.result()
     monkeypatch.undo()

@@ -10,7 +10,6 @@ import ipaddress
 import json
 import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from cnm.control.ipam.remote import MAC_ADDRESS_OPTION, RemoteIpam, remote_ipam
 from cnm.control.plugins import ACCEPT, RETRY_DELAYS, PluginClient, Plugins, find_spec
 from cnm.control.types import PoolData
 from tests.plugin_peer import PeerPlugin
+from tests.store_probe import write_lock_free
 
 FAST = (0.01, 0.02, 0.04)  # backoff for tests: three retries, 70 ms in all
 
@@ -768,20 +768,6 @@ def test_a_name_taken_while_the_ipam_plugin_answered_gives_everything_back(
         other.close()
 
 
-def _write_lock_free(state_dir: str) -> bool:
-    """Whether another connection could take the store's write lock right now."""
-    db = sqlite3.connect(os.path.join(state_dir, "state.db"), timeout=0)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.rollback()
-        return True
-    except sqlite3.OperationalError as exc:
-        assert "locked" in str(exc), exc
-        return False
-    finally:
-        db.close()
-
-
 def test_a_remote_driver_is_first_resolved_outside_the_store_transaction(
     rctl: NetworkController, dirs: tuple[str, str], pdir: Path, peer: PeerPlugin
 ) -> None:
@@ -795,11 +781,11 @@ def test_a_remote_driver_is_first_resolved_outside_the_store_transaction(
     real_caps = peer.do_NetworkDriver_GetCapabilities
 
     def activate(body: dict) -> dict:
-        free["Plugin.Activate"] = _write_lock_free(dirs[0])
+        free["Plugin.Activate"] = write_lock_free(dirs[0])
         return real_activate(body)
 
     def caps(body: dict) -> dict:
-        free["NetworkDriver.GetCapabilities"] = _write_lock_free(dirs[0])
+        free["NetworkDriver.GetCapabilities"] = write_lock_free(dirs[0])
         return real_caps(body)
 
     peer.do_Plugin_Activate = activate  # type: ignore[method-assign]
