@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 from .drivers.overlay import OverlayDriver
 from .ipam.scoped import ScopedIpam
-from .osl.overlay import OverlayLinks, PeerEntry
+from .osl.overlay import PeerEntry
+from .osl.tunnel import overlay_links
 from .store.etcd import Compare, Delete, EtcdStore, Event, Put, WatchLost
 from .types import EndpointRecord, NetworkRecord, PoolData, Repair, is_id_prefix, new_id
 
@@ -121,7 +122,8 @@ class GlobalScope:
         self.host = host
         self.vtep = advertise_address(self.etcd)
         self.ipam = ScopedIpam(store, self.etcd, host=host)
-        self.links = OverlayLinks(ctl.run_dir, backend=ctl.fastpath)
+        # The BPF tunnel when the controller's eBPF data path is in use (osl.tunnel).
+        self.links = overlay_links(ctl.run_dir, ctl._accel, backend=ctl.fastpath)
         self.driver = OverlayDriver(self.etcd, self.links, self.vtep, refresh=self.refresh_peers)
         self.repair_interval = REPAIR_INTERVAL if repair_interval is None else repair_interval
         self.connected = False

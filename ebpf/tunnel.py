@@ -7,8 +7,12 @@ tunnel key and go to the vxlan device); `attach_vxlan` puts cnm_tunnel_ingress o
 vxlan device (decapsulated frames go straight into the local container of their VNI).
 Local containers are TunnelEndpoints; containers on other hosts are TunnelPeers (address,
 remote VTEP, MAC, VNI). Removing a peer removes its map entry, and frames to it fall back
-to the stack. The containers' neighbour entries for their peers come from the control
-plane (no ARP crosses the tunnel).
+to the stack.
+
+No ARP crosses the tunnel: cnm_tunnel_egress answers a container's ARP request for an
+address of its own VNI (local endpoint or remote peer) from the maps, sending the reply
+back into the container, so containers need no static neighbour entries (static ones
+still work). Requests for unknown addresses or other VNIs get no answer.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class TunnelCounters:
     unknown_source: int
     vni_mismatch: int  # dropped: source and destination on different VNIs
     failed: int
+    arp_replied: int = 0  # ARP requests answered from the maps (the program's own replies)
 
 
 class TunnelOwner(ProgramOwner):
@@ -110,6 +115,7 @@ class TunnelOwner(ProgramOwner):
         "unknown_source",
         "vni_mismatch",
         "failed",
+        "arp_replied",
     )
     counter_map = COUNTERS
     entry_maps = (LOCAL, PEERS)

@@ -32,7 +32,8 @@ from ..driverapi import (
     option,
 )
 from ..osl.links import VethIntoSandbox
-from ..osl.overlay import OverlayDevices, OverlayLinks, OverlaySpec, PeerChanges, PeerEntry
+from ..osl.overlay import OverlayDevices, OverlayLinks, OverlaySpec, PeerEntry
+from ..osl.tunnel import TunnelLinks
 from ..store.etcd import Compare, Delete, EtcdStore, Get, Put
 from ..types import EndpointRecord, NetworkRecord, Repair
 
@@ -76,6 +77,14 @@ class OverlayOptions(DriverOptions):
             )
 
 
+def _address(sandbox: SandboxInfo) -> tuple[ipaddress.IPv4Address, str] | None:
+    """The joining container's IPv4 address and MAC (what the BPF tunnel's map holds)."""
+    iface = sandbox.interface
+    if iface is None or iface.ipv4_address is None or not iface.mac_address:
+        return None
+    return ipaddress.IPv4Interface(iface.ipv4_address).ip, iface.mac_address
+
+
 def host_name(endpoint_id: str) -> str:
     return f"{HOST_PREFIX}{endpoint_id[:13]}"
 
@@ -110,7 +119,7 @@ class OverlayDriver(JoinsInBulk):
     def __init__(
         self,
         etcd: EtcdStore,
-        links: OverlayLinks,
+        links: OverlayLinks | TunnelLinks,
         vtep: ipaddress.IPv4Address | ipaddress.IPv6Address,
         *,
         refresh: Callable[[], None] | None = None,
@@ -301,13 +310,18 @@ class OverlayDriver(JoinsInBulk):
                     )
                     for i in idxs
                 ]
+                addresses = [_address(items[i][2]) for i in idxs]
                 for i, spec, outcome in zip(
-                    idxs, specs, self.links.attach(dev, specs), strict=True
+                    idxs, specs, self.links.attach(dev, specs, addresses), strict=True
                 ):
                     out[i] = outcome or JoinInfo(
                         src_name=spec.peer_name, in_sandbox=True, dst_prefix="eth"
                     )
         return out
+
+    def port_limit(self, network_id: str) -> int | None:
+        """1024 on the kernel path (br0's ports); none on the BPF tunnel (no bridge)."""
+        return self.links.port_limit
 
     def leave_many(self, items: Sequence[tuple[str, str]]) -> None:
         by_net: dict[str, list[str]] = {}
@@ -345,39 +359,14 @@ class OverlayDriver(JoinsInBulk):
             peers.update(changed)
             if net is None or net.dev is None or not (gone or changed):
                 return 0
-            return self.links.program(
-                net.dev, PeerChanges.of(add=list(changed.values()), remove=gone + replaced)
-            )
+            return self.links.program_peers(net.dev, list(changed.values()), remove=gone + replaced)
 
     def _sync(self, net: _Net) -> list[Repair]:
-        """Make vxlan0's FDB and neighbour tables exactly the desired remote peers."""
+        """Make the kernel's view of the remote peers (vxlan0's FDB and neighbour tables,
+        or the BPF tunnel's peer map) exactly the desired ones."""
         assert net.dev is not None
-        fdb, neigh = self.links.programmed(net.dev)
-        want_fdb = {(p.mac, p.vtep) for p in net.peers.values()}
-        want_neigh = {(p.ip, p.mac) for p in net.peers.values()}
-        changes = PeerChanges(
-            fdb_add=sorted(want_fdb - fdb, key=str),
-            fdb_del=sorted(fdb - want_fdb, key=str),
-            neigh_add=sorted(want_neigh - neigh, key=str),
-            neigh_del=[ip for ip, _ in sorted(neigh - want_neigh, key=str)],
-        )
-        if not len(changes):
-            return []
-        self.links.program(net.dev, changes)
-        nid = net.info.id
-        repairs = [
-            Repair("overlay_fdb_restored", f"{mac} via {vtep}", nid)
-            for mac, vtep in changes.fdb_add
-        ]
-        repairs += [
-            Repair("overlay_fdb_removed", f"{mac} via {vtep}", nid) for mac, vtep in changes.fdb_del
-        ]
-        repairs += [
-            Repair("overlay_neighbour_restored", f"{ip} {mac}", nid)
-            for ip, mac in changes.neigh_add
-        ]
-        repairs += [Repair("overlay_neighbour_removed", str(ip), nid) for ip in changes.neigh_del]
-        return repairs
+        fixes = self.links.sync_peers(net.dev, list(net.peers.values()))
+        return [Repair(kind, what, net.info.id) for kind, what in fixes]
 
     def sync(self) -> list[Repair]:
         """Drift repair of every network with a data plane here."""

@@ -48,9 +48,11 @@ class OverlaySpec:
 
 @dataclass(frozen=True)
 class OverlayDevices:
-    key: str  # the network namespace's path
-    bridge: int  # ifindex of br0 there
-    vxlan: int  # ifindex of vxlan0 there
+    key: str  # the namespace the containers' host ends live in
+    bridge: int  # ifindex of br0 there (0: no bridge, the BPF tunnel's namespace)
+    vxlan: int  # ifindex of the VXLAN device there
+    vni: int = 0  # the network's VNI (the BPF tunnel's devices are shared by networks)
+    port: int = 0  # its UDP port
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,30 @@ class PeerEntry:
 
 Fdb = tuple[str, IPAddress]  # (MAC, VTEP)
 Neighbour = tuple[IPAddress, str]  # (IP, MAC)
+Fix = tuple[str, str]  # (repair kind, what) reported by sync_peers
+Address = tuple[ipaddress.IPv4Address, str]  # a joining container's (IPv4, MAC)
+
+
+def underlay_mtu(vtep: IPAddress, backend: str | None = None) -> int:
+    """The MTU of the host link that carries the VTEP address (1500 if none does)."""
+    host = socket_for(None, backend=backend)
+    try:
+        idx = next(
+            (
+                a.index
+                for a in map(records.addr_record, host.dump(rtnl.dump_addrs()))
+                if a.address.ip == vtep
+            ),
+            None,
+        )
+        if idx is None:
+            return 1500
+        for link in map(records.link_record, host.dump(rtnl.dump_links())):
+            if link.index == idx and link.mtu:
+                return int(link.mtu)
+    except NetlinkError as exc:
+        raise kernel_error(exc, "find the underlay link") from None
+    return 1500
 
 
 @dataclass
@@ -111,26 +137,11 @@ class OverlayLinks:
 
     # --- the underlay ---------------------------------------------------------------
 
+    datapath = "kernel"
+    port_limit: int | None = 1024  # br0's ports
+
     def underlay_mtu(self, vtep: IPAddress) -> int:
-        """The MTU of the host link that carries the VTEP address (1500 if none does)."""
-        host = socket_for(None, backend=self.backend)
-        try:
-            idx = next(
-                (
-                    a.index
-                    for a in map(records.addr_record, host.dump(rtnl.dump_addrs()))
-                    if a.address.ip == vtep
-                ),
-                None,
-            )
-            if idx is None:
-                return 1500
-            for link in map(records.link_record, host.dump(rtnl.dump_links())):
-                if link.index == idx and link.mtu:
-                    return int(link.mtu)
-        except NetlinkError as exc:
-            raise kernel_error(exc, "find the underlay link") from None
-        return 1500
+        return underlay_mtu(vtep, self.backend)
 
     # --- the network's namespace ----------------------------------------------------
 
@@ -213,10 +224,14 @@ class OverlayLinks:
     # --- containers -----------------------------------------------------------------
 
     def attach(
-        self, dev: OverlayDevices, items: Sequence[VethIntoSandbox]
+        self,
+        dev: OverlayDevices,
+        items: Sequence[VethIntoSandbox],
+        addresses: Sequence[Address | None] = (),
     ) -> list[errors.CNMError | None]:
         """veth pairs: host end on br0 (each item's master) in the network's namespace,
-        the peer made inside its sandbox; one batch. Per item None or its error."""
+        the peer made inside its sandbox; one batch. Per item None or its error.
+        (`addresses` is for the BPF tunnel; the bridge learns MACs itself.)"""
         return veths_into_sandboxes(self._sock(dev.key), items)
 
     def detach(self, dev: OverlayDevices, names: Sequence[str]) -> None:
@@ -255,6 +270,32 @@ class OverlayLinks:
             k = min(failed)
             raise kernel_error(failed[k], "program overlay peers")
         return len(changes) - len(result.errors)
+
+    def program_peers(
+        self, dev: OverlayDevices, add: Sequence[PeerEntry], remove: Sequence[PeerEntry] = ()
+    ) -> int:
+        """Remote peers joined (FDB + neighbour added) or left (removed); see program()."""
+        return self.program(dev, PeerChanges.of(add=add, remove=remove))
+
+    def sync_peers(self, dev: OverlayDevices, desired: Sequence[PeerEntry]) -> list[Fix]:
+        """Make vxlan0's FDB and neighbour tables exactly `desired`; what was fixed."""
+        fdb, neigh = self.programmed(dev)
+        want_fdb = {(p.mac, p.vtep) for p in desired}
+        want_neigh = {(p.ip, p.mac) for p in desired}
+        changes = PeerChanges(
+            fdb_add=sorted(want_fdb - fdb, key=str),
+            fdb_del=sorted(fdb - want_fdb, key=str),
+            neigh_add=sorted(want_neigh - neigh, key=str),
+            neigh_del=[ip for ip, _ in sorted(neigh - want_neigh, key=str)],
+        )
+        if not len(changes):
+            return []
+        self.program(dev, changes)
+        fixes = [("overlay_fdb_restored", f"{mac} via {vtep}") for mac, vtep in changes.fdb_add]
+        fixes += [("overlay_fdb_removed", f"{mac} via {vtep}") for mac, vtep in changes.fdb_del]
+        fixes += [("overlay_neighbour_restored", f"{ip} {mac}") for ip, mac in changes.neigh_add]
+        fixes += [("overlay_neighbour_removed", str(ip)) for ip in changes.neigh_del]
+        return fixes
 
     def programmed(self, dev: OverlayDevices) -> tuple[set[Fdb], set[Neighbour]]:
         """What vxlan0 holds: FDB (MAC, VTEP) pairs and permanent neighbours (IP, MAC)."""

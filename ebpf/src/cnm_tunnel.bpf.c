@@ -6,9 +6,19 @@
  * the same VNI on this host goes straight to it. cnm_tunnel_ingress runs at TC ingress of
  * the vxlan device: a decapsulated frame whose VNI matches a local endpoint goes into
  * that container's namespace with bpf_redirect_peer. Frames between different VNIs are
- * never carried. Neighbour (ARP) entries inside the containers come from the control plane.
+ * never carried.
+ *
+ * There is no bridge, so cnm_tunnel_egress also answers ARP: a request from a known local
+ * container for an address of its VNI (a local container or a remote peer) is turned into
+ * the reply in place and sent back out of the port it came in on. Every other ARP frame
+ * is left to the stack (which drops it): nothing ARP ever crosses the tunnel.
  */
 #include "cnm_bpf.h"
+
+/* From linux/if_arp.h, which pulls in libc headers a BPF build cannot use. */
+#define CNM_ARPHRD_ETHER 1
+#define CNM_ARPOP_REQUEST 1
+#define CNM_ARPOP_REPLY 2
 
 /* A container of this host (mirrored in tunnel.py, struct "<II6s2x"). */
 struct cnm_tun_local {
@@ -35,6 +45,7 @@ enum cnm_tunnel_counter {
 	CNM_TUN_UNKNOWN_SOURCE,
 	CNM_VNI_MISMATCH,     /* source and destination on different VNIs: dropped */
 	CNM_TUN_FAILED,       /* a helper refused */
+	CNM_ARP_REPLIED,      /* an ARP request answered from the maps */
 	CNM_TUNNEL_COUNTERS,
 };
 
@@ -74,6 +85,98 @@ static __always_inline int cnm_deliver(struct __sk_buff *skb, struct cnm_tun_loc
 	return bpf_redirect_peer(dst->ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
 }
 
+/* An Ethernet/IPv4 ARP packet after its Ethernet header. */
+struct cnm_arp {
+	__be16 ar_hrd; /* hardware type */
+	__be16 ar_pro; /* protocol type */
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+	__u8 sha[CNM_ETH_ALEN];
+	__u8 spa[4];
+	__u8 tha[CNM_ETH_ALEN];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+#define CNM_ARP_FRAME (sizeof(struct ethhdr) + sizeof(struct cnm_arp))
+
+/* Answer an ARP request from the maps: turn the frame into the reply in place and send it
+ * back out of the port it came from (into the requesting container). TC_ACT_OK for every
+ * frame it does not answer. */
+static __always_inline int cnm_arp_reply(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct cnm_arp *arp = (void *)(eth + 1);
+	struct cnm_tun_local *src, *local;
+	struct cnm_tun_peer *peer;
+	__u8 requester[CNM_ETH_ALEN];
+	const __u8 *answer;
+	__u32 sender, target, vni;
+
+	if (data + CNM_ARP_FRAME > data_end) {
+		if (bpf_skb_pull_data(skb, CNM_ARP_FRAME) < 0)
+			goto other;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		eth = data;
+		arp = (void *)(eth + 1);
+		if (data + CNM_ARP_FRAME > data_end)
+			goto other;
+	}
+	if (arp->ar_hrd != bpf_htons(CNM_ARPHRD_ETHER) || arp->ar_pro != bpf_htons(ETH_P_IP) ||
+	    arp->ar_hln != CNM_ETH_ALEN || arp->ar_pln != 4 ||
+	    arp->ar_op != bpf_htons(CNM_ARPOP_REQUEST))
+		goto other;
+	__builtin_memcpy(&sender, arp->spa, 4);
+	__builtin_memcpy(&target, arp->tpa, 4);
+	if (sender == target) /* gratuitous */
+		goto other;
+	src = bpf_map_lookup_elem(&cnm_tun_local, &sender);
+	if (!src || (cnm_verify_source && src->ifindex != skb->ifindex)) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_UNKNOWN_SOURCE);
+		return TC_ACT_OK;
+	}
+	vni = src->vni;
+	local = bpf_map_lookup_elem(&cnm_tun_local, &target);
+	if (local) {
+		if (local->vni != vni)
+			goto mismatch;
+		answer = local->mac;
+	} else {
+		peer = bpf_map_lookup_elem(&cnm_tun_peers, &target);
+		if (!peer) {
+			CNM_COUNT(cnm_tunnel_counters, CNM_TUN_MISS);
+			return TC_ACT_OK;
+		}
+		if (peer->vni != vni)
+			goto mismatch;
+		answer = peer->mac;
+	}
+	if (cnm_mac_is_zero(answer))
+		goto other;
+
+	/* The reply: from the answered address to the requester. */
+	__builtin_memcpy(requester, arp->sha, CNM_ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, requester, CNM_ETH_ALEN);
+	__builtin_memcpy(eth->h_source, answer, CNM_ETH_ALEN);
+	arp->ar_op = bpf_htons(CNM_ARPOP_REPLY);
+	__builtin_memcpy(arp->tha, requester, CNM_ETH_ALEN);
+	__builtin_memcpy(arp->tpa, &sender, 4);
+	__builtin_memcpy(arp->sha, answer, CNM_ETH_ALEN);
+	__builtin_memcpy(arp->spa, &target, 4);
+	CNM_COUNT(cnm_tunnel_counters, CNM_ARP_REPLIED);
+	return bpf_redirect(skb->ifindex, 0);
+
+mismatch:
+	CNM_COUNT(cnm_tunnel_counters, CNM_VNI_MISMATCH);
+	return TC_ACT_OK;
+other:
+	CNM_COUNT(cnm_tunnel_counters, CNM_TUN_NOT_IPV4);
+	return TC_ACT_OK;
+}
+
 SEC("tc")
 int cnm_tunnel_egress(struct __sk_buff *skb)
 {
@@ -85,6 +188,8 @@ int cnm_tunnel_egress(struct __sk_buff *skb)
 	__u32 saddr, daddr;
 
 	if (!ip) {
+		if (skb->protocol == bpf_htons(ETH_P_ARP))
+			return cnm_arp_reply(skb);
 		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_NOT_IPV4);
 		return TC_ACT_OK;
 	}

@@ -98,7 +98,13 @@ class Rig:
     """Hosts + underlay + etcd. Use `start()`, then `host(i)`; `close()` stops all."""
 
     def __init__(
-        self, base: Path, hosts: int = 3, *, env: dict | None = None, etcd_members: int = 1
+        self,
+        base: Path,
+        hosts: int = 3,
+        *,
+        env: dict | None = None,
+        etcd_members: int = 1,
+        host_env: dict[int, dict] | None = None,
     ) -> None:
         from cnm.fastpath import netns
 
@@ -113,6 +119,7 @@ class Rig:
         self.store = f"etcd://{hosts_list}/cnm-{os.getpid()}-{int(time.time())}"
         self.hosts: list[HostProc] = []
         self.env = env or {}
+        self.host_env = host_env or {}  # host number -> its own additions to env
         self.count = hosts
         self._made: list[str] = []
         self._underlay = False
@@ -174,7 +181,7 @@ class Rig:
                 str(self.base / f"h{i}" / "state"),
                 str(self.base / f"h{i}" / "run"),
                 self.store,
-                self.env,
+                {**self.env, **self.host_env.get(i, {})},
             )
             h.start()
             self.hosts.append(h)
@@ -315,7 +322,9 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
     from cnm.control import NetworkController
     from cnm.control.types import IPAMConfig
 
-    ctl = NetworkController(state_dir=state, run_dir=run, store=store)
+    # The kernel's overlay path unless a test asks for the BPF tunnel (CNM_RIG_EBPF=on).
+    ebpf = os.environ.get("CNM_RIG_EBPF", "off")
+    ctl = NetworkController(state_dir=state, run_dir=run, store=store, ebpf=ebpf)
     out = sys.stdout
 
     def endpoint(net: str, ep: str) -> Any:
@@ -374,6 +383,25 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
             return f"{host}:{port}"
         if op == "overlay_key":
             return ctl.global_scope.links.key(ctl.network(a["name"]).id)
+        if op == "joined":  # this host's endpoints on a network: (net, ep, container or None)
+            n = ctl.network(a["name"])
+            out = []
+            for e in n.endpoints():
+                sb = e.sandbox
+                out.append([n.name, e.name, sb.container_id if sb is not None else None])
+            return out
+        if op == "datapath":
+            return ctl.global_scope.links.datapath
+        if op == "tunnel_counters":
+            return ctl.global_scope.links.counters()
+        if op == "tunnel_key":  # the namespace holding the host ends (the BPF tunnel)
+            return ctl.global_scope.links.key
+        if op == "programmed":
+            fdb, neigh = ctl.global_scope.driver.programmed(ctl.network(a["name"]).id)
+            return {
+                "fdb": sorted([m, str(v)] for m, v in fdb),
+                "neigh": sorted([str(i), m] for i, m in neigh),
+            }
         if op == "vni":
             return ctl.global_scope.driver.vni(ctl.network(a["name"]).id)
         raise ValueError(f"unknown op {op!r}")

@@ -1,0 +1,551 @@
+"""Overlay networks on the BPF tunnel: the host's tunnel namespace (cnm.ebpf.tunnel).
+
+The overlay data path when the controller's eBPF data path is in use. Owns, on this host:
+
+- the tunnel namespace (bind-mounted at run_dir/tunnel/ns), shared by every overlay
+  network here: one external (collect-metadata) VXLAN device per UDP port in use
+  (`vxt<port>`), made from the host namespace so its UDP socket stays on the underlay,
+  and the host end of every overlay container's veth (no bridge);
+- the TunnelOwner of each port (cnm_tunnel, pinned under <pin root>/tunnel-<port>):
+  cnm_tunnel_ingress on the VXLAN device, cnm_tunnel_egress on each host end, attached
+  in the join's own netlink batch;
+- the map entries: each local container (address -> host end, MAC, VNI), written at
+  join and removed at leave, and each remote peer (address -> VTEP, MAC, VNI), fed by
+  the same peer records as the kernel path's FDB (program_peers, sync_peers);
+- a marker per network (run_dir/tunnel/networks/<id>: its VNI and port).
+
+A frame from a container to a peer gets its tunnel key from the map and goes straight to
+the VXLAN device; a decapsulated frame goes straight into its container
+(bpf_redirect_peer); the program answers the containers' ARP from the maps. Frames
+between VNIs are never carried; what the program does not know is dropped by the
+namespace (no forwarding, no addresses). There is no kernel path underneath: detaching
+a program stops its traffic, and sync_peers (reconcile, the agent's periodic repair)
+attaches it again. The driver-facing interface is OverlayLinks' (osl.overlay); errors:
+KernelError naming the step, VNIInUse, Conflict when a kernel-path overlay namespace
+holds the UDP port, EbpfUnavailable when the programs cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from cnm.fastpath import netns, records, rtnl
+from cnm.fastpath.transport import NetlinkError, NetlinkSocket, adopt_current, forget, socket_for
+
+from .. import errors
+from .accel import Accelerator, map_error
+from .links import VethIntoSandbox, veths_into_sandboxes
+from .namespace import _disable_ipv6_by_default, kernel_error
+from .overlay import (
+    DETACH_GROUP,
+    Address,
+    Fdb,
+    Fix,
+    IPAddress,
+    Neighbour,
+    OverlayDevices,
+    OverlayLinks,
+    OverlaySpec,
+    PeerEntry,
+    underlay_mtu,
+)
+
+_log = logging.getLogger(__name__)
+
+NAMESPACE = "ns"
+MARKERS = "networks"
+
+
+def device_name(port: int) -> str:
+    return f"vxt{port}"
+
+
+class TunnelLinks:
+    """The BPF tunnel data path of this host's overlay networks (see the module doc)."""
+
+    datapath = "bpf"
+    port_limit: int | None = None  # no bridge: no 1024-port limit
+
+    def __init__(self, run_dir: str, pin_root: str, backend: str | None = None) -> None:
+        self.dir = os.path.join(run_dir, "tunnel")
+        self.key = os.path.join(self.dir, NAMESPACE)
+        self.marks = os.path.join(self.dir, MARKERS)
+        self.pin_root = pin_root
+        self.backend = backend
+        self._owners: dict[int, Any] = {}  # port -> TunnelOwner
+        self._local: dict[int, ipaddress.IPv4Address] = {}  # host-end ifindex -> address
+        self._lock = threading.RLock()
+
+    # --- shared pieces --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self) -> Iterator[None]:
+        """This host's tunnel directory, locked against other cnm processes."""
+        os.makedirs(self.dir, mode=0o755, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._lock:
+                yield
+        finally:
+            os.close(fd)
+
+    def _sock(self) -> NetlinkSocket:
+        return socket_for(self.key, backend=self.backend)
+
+    def _prepare(self, path: str) -> None:
+        _disable_ipv6_by_default()
+        adopt_current(path, backend=self.backend)
+
+    def _owner(self, port: int, vxlan: int, *, fresh: bool = False) -> Any:
+        """The port's TunnelOwner, loaded (or picked up from its pins) for device `vxlan`."""
+        owner = self._owners.get(port)
+        if owner is not None and owner.vxlan_ifindex == vxlan:
+            return owner
+        if owner is not None:
+            owner.close()
+            del self._owners[port]
+        try:
+            from cnm.ebpf.tunnel import TunnelOwner
+
+            owner = TunnelOwner(vxlan, os.path.join(self.pin_root, f"tunnel-{port}"))
+            owner.load()
+            if fresh:  # a new namespace: no host end of an earlier one is left
+                with owner.lock:
+                    for ep in owner.endpoints():
+                        owner.remove_endpoint(ep.address)
+        except ImportError as exc:
+            raise errors.EbpfUnavailable(f"cnm.ebpf cannot be imported: {exc}") from exc
+        except errors.CNMError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, "load cnm_tunnel") from exc
+        self._owners[port] = owner
+        return owner
+
+    def _marker(self, network_id: str) -> dict[str, int] | None:
+        try:
+            with open(os.path.join(self.marks, network_id)) as f:
+                data = json.load(f)
+            return {"vni": int(data["vni"]), "port": int(data["port"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_marker(self, network_id: str, vni: int, port: int) -> None:
+        os.makedirs(self.marks, mode=0o755, exist_ok=True)
+        path = os.path.join(self.marks, network_id)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"vni": vni, "port": port}, f)
+        os.replace(tmp, path)
+
+    def underlay_mtu(self, vtep: IPAddress) -> int:
+        return underlay_mtu(vtep, self.backend)
+
+    # --- networks -------------------------------------------------------------------
+
+    def networks(self) -> list[str]:
+        """Ids of the overlay networks with a data plane on this host."""
+        if not os.path.isdir(self.marks):
+            return []
+        return sorted(n for n in os.listdir(self.marks) if not n.endswith(".tmp"))
+
+    def adopt(self, network_id: str) -> OverlayDevices | None:
+        """The network's devices when this host has its data plane (made by this or an
+        earlier controller); None otherwise (a marker whose namespace is gone is dropped)."""
+        mark = self._marker(network_id)
+        if mark is None:
+            return None
+        with self._flock():
+            if not netns.is_netns(self.key):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.marks, network_id))
+                return None
+            try:
+                vx = self._sock().ifindex(device_name(mark["port"]))
+            except NetlinkError:
+                return None
+            self._owner(mark["port"], vx)
+            return OverlayDevices(self.key, 0, vx, mark["vni"], mark["port"])
+
+    def create(self, spec: OverlaySpec) -> OverlayDevices:
+        """The tunnel namespace, the port's VXLAN device and programs (made when missing)
+        and the network's marker: all, or nothing new."""
+        with self._flock():
+            for other in self.networks():
+                mark = self._marker(other)
+                if other != spec.network_id and mark is not None and mark["vni"] == spec.vni:
+                    raise errors.VNIInUse(spec.vni, other)
+            fresh = not netns.is_netns(self.key)
+            made_device = False
+            try:
+                if fresh:
+                    try:
+                        netns.create(self.key, self._prepare)
+                    except OSError as exc:
+                        raise kernel_error(exc, f"create tunnel namespace {self.key}") from None
+                vx, made_device = self._device(spec)
+                owner = self._owner(spec.port, vx, fresh=fresh or made_device)
+                if not owner.attached(vx, netns=self.key):
+                    owner.attach_vxlan(netns=self.key, ifindex=vx)
+                self._write_marker(spec.network_id, spec.vni, spec.port)
+            except BaseException as exc:
+                if fresh or not self.networks():
+                    self._teardown()
+                elif made_device:
+                    with contextlib.suppress(NetlinkError):
+                        self._sock().request(rtnl.link_del(name=device_name(spec.port)))
+                if isinstance(exc, errors.CNMError | KeyboardInterrupt | SystemExit):
+                    raise
+                if isinstance(exc, NetlinkError):
+                    raise kernel_error(exc, "set up the BPF tunnel") from None
+                if isinstance(exc, Exception):
+                    raise map_error(exc, "set up the BPF tunnel") from exc
+                raise
+            return OverlayDevices(self.key, 0, vx, spec.vni, spec.port)
+
+    def _device(self, spec: OverlaySpec) -> tuple[int, bool]:
+        """The port's external VXLAN device in the tunnel namespace: (ifindex, made now)."""
+        sock = self._sock()
+        name = device_name(spec.port)
+        try:
+            vx = sock.ifindex(name)
+        except NetlinkError:
+            vx = 0
+        if vx:
+            link = records.link_record(sock.get(rtnl.link_get(name)))
+            if link.mtu is not None and link.mtu < spec.mtu:
+                sock.request(rtnl.link_set(vx, mtu=spec.mtu))
+            return vx, False
+        fd = os.open(self.key, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            socket_for(None, backend=self.backend).request(
+                rtnl.vxlan(
+                    rtnl.VxlanSpec(
+                        name=name,
+                        local=spec.vtep,
+                        port=spec.port,
+                        external=True,
+                        learning=False,
+                        mtu=spec.mtu,
+                        netns_fd=fd,
+                        up=True,
+                    )
+                )
+            )
+        except NetlinkError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+                raise errors.Conflict(
+                    f"UDP port {spec.port} is held by another VXLAN socket on this host "
+                    "(an overlay network on the kernel path, made by a controller with "
+                    "ebpf='off'?): the BPF tunnel cannot use it; leave and delete that "
+                    "network's containers on this host first"
+                ) from None
+            raise kernel_error(exc, f"create VXLAN device {name}") from None
+        finally:
+            os.close(fd)
+        return sock.ifindex(name), True
+
+    def remove(self, network_id: str) -> None:
+        """Forget the network here: its map entries and marker; the namespace, devices
+        and pins go with the last network."""
+        with self._flock():
+            mark = self._marker(network_id)
+            if mark is not None and netns.is_netns(self.key):
+                owner = self._owners.get(mark["port"])
+                if owner is None:
+                    with contextlib.suppress(NetlinkError, errors.CNMError):
+                        vx = self._sock().ifindex(device_name(mark["port"]))
+                        owner = self._owner(mark["port"], vx)
+                if owner is not None:
+                    try:
+                        with owner.lock:
+                            for ep in owner.endpoints():
+                                if ep.vni == mark["vni"]:
+                                    owner.remove_endpoint(ep.address)
+                            for peer in owner.peers():
+                                if peer.vni == mark["vni"]:
+                                    owner.remove_peer(peer.address)
+                    except Exception as exc:
+                        raise map_error(exc, "BPF tunnel map clean-up") from exc
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.marks, network_id))
+            if not self.networks():
+                self._teardown()
+
+    def _teardown(self) -> None:
+        """The namespace (every device in it), the pins and the directory (lock held)."""
+        for owner in self._owners.values():
+            with contextlib.suppress(Exception):
+                owner.close()
+                owner.unpin()
+                os.rmdir(owner.pin_root)
+        self._owners.clear()
+        self._local.clear()
+        forget(self.key)
+        if netns.is_netns(self.key):
+            try:
+                netns.delete(self.key)
+            except OSError as exc:
+                raise kernel_error(exc, f"delete tunnel namespace {self.key}") from None
+        with contextlib.suppress(OSError):
+            os.rmdir(self.marks)
+
+    # --- containers -----------------------------------------------------------------
+
+    def attach(
+        self,
+        dev: OverlayDevices,
+        items: Sequence[VethIntoSandbox],
+        addresses: Sequence[Address | None] = (),
+    ) -> list[errors.CNMError | None]:
+        """veth pairs with their host ends in the tunnel namespace (no master) and the
+        peer made inside its sandbox, each container's map entry, and cnm_tunnel_egress
+        on each host end: one veth batch, one map batch, one attach batch. Per item None
+        or its error; an item that failed leaves neither device nor entry."""
+        from cnm.ebpf import loader
+        from cnm.ebpf.tunnel import EGRESS, TunnelEndpoint
+
+        sock = self._sock()
+        out = veths_into_sandboxes(sock, [_no_master(it) for it in items])
+        made = [i for i, o in enumerate(out) if o is None]
+        with self._lock:
+            owner = self._owners.get(dev.port) or self._owner(dev.port, dev.vxlan)
+            entries: list[tuple[int, Any]] = []
+            for i, it in enumerate(items):
+                if out[i] is not None:
+                    continue
+                addr = addresses[i] if i < len(addresses) else None
+                try:
+                    if addr is None:
+                        raise errors.InvalidParameter(
+                            f"a join to an overlay network on the BPF tunnel needs an IPv4 "
+                            f"address and a MAC ({it.host_name})"
+                        )
+                    index = sock.ifindex(it.host_name)
+                    entries.append((i, TunnelEndpoint(addr[0], index, addr[1], dev.vni)))
+                except NetlinkError as exc:
+                    out[i] = kernel_error(exc, f"find {it.host_name}")
+                except errors.CNMError as exc:
+                    out[i] = exc
+                except Exception as exc:
+                    out[i] = map_error(exc, f"BPF tunnel entry of {it.host_name}")
+            if entries:
+                try:
+                    with owner.lock:
+                        owner.ensure_current()
+                        owner.add_endpoints([e for _, e in entries])
+                except Exception as exc:
+                    err = map_error(exc, "BPF tunnel endpoint map update")
+                    for i, _ in entries:
+                        out[i] = err
+                    entries = []
+            if entries:
+                fd = owner.program(EGRESS).fd
+                reqs = []
+                for _, e in entries:
+                    reqs.append(rtnl.clsact(e.ifindex))
+                    reqs.append(
+                        rtnl.bpf_filter(
+                            e.ifindex, fd, EGRESS, handle=loader.TC_HANDLE, prio=loader.TC_PRIORITY
+                        )
+                    )
+                result = sock.execute(reqs)
+                for k, exc in result.errors.items():
+                    if k % 2:  # the filter's outcome is the entry's
+                        i, e = entries[k // 2]
+                        out[i] = kernel_error(exc, f"attach cnm_tunnel to {items[i].host_name}")
+                for i, e in entries:
+                    if out[i] is None:
+                        self._local[e.ifindex] = e.address
+                    else:
+                        with contextlib.suppress(Exception):
+                            owner.remove_endpoint(e.address)
+            for i in made:  # a pair made whose later step failed is removed again
+                if out[i] is not None:
+                    with contextlib.suppress(NetlinkError):
+                        sock.request(rtnl.link_del(name=items[i].host_name))
+        return out
+
+    def detach(self, dev: OverlayDevices, names: Sequence[str]) -> None:
+        """Map entries of the host ends removed first (nothing is redirected to a dying
+        device), then the host ends (and so their pairs) with one group delete."""
+        if not names:
+            return
+        sock = self._sock()
+        indexes: list[int] = []
+        for n in names:
+            with contextlib.suppress(NetlinkError):
+                indexes.append(sock.ifindex(n))
+        with self._lock:
+            owner = self._owners.get(dev.port)
+            if owner is not None and indexes:
+                try:
+                    with owner.lock:
+                        owner.ensure_current()
+                        unknown = [i for i in indexes if i not in self._local]
+                        if unknown:
+                            for ep in owner.endpoints():
+                                self._local.setdefault(ep.ifindex, ep.address)
+                        for i in indexes:
+                            addr = self._local.pop(i, None)
+                            if addr is not None:
+                                owner.remove_endpoint(addr)
+                except Exception as exc:
+                    raise map_error(exc, "BPF tunnel endpoint map delete") from exc
+        reqs = [rtnl.link_set_by_name(n, up=False, group=DETACH_GROUP) for n in names]
+        reqs.append(rtnl.group_del(DETACH_GROUP))
+        result = sock.execute(reqs)
+        failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
+        if failed:
+            k = min(failed)
+            raise kernel_error(failed[k], "detach from the BPF tunnel")
+
+    # --- remote peers ---------------------------------------------------------------
+
+    def program_peers(
+        self, dev: OverlayDevices, add: Sequence[PeerEntry], remove: Sequence[PeerEntry] = ()
+    ) -> int:
+        """Peers left (their entries removed: frames to them are dropped) and joined
+        (entries added, one map batch). Returns how many entries changed."""
+        from cnm.ebpf.tunnel import TunnelPeer
+
+        with self._lock:
+            owner = self._owners.get(dev.port) or self._owner(dev.port, dev.vxlan)
+            try:
+                with owner.lock:
+                    owner.ensure_current()
+                    removed = sum(1 for p in remove if owner.remove_peer(p.ip))
+                    peers = [TunnelPeer(p.ip, p.vtep, p.mac, dev.vni) for p in add]
+                    owner.add_peers(peers)
+            except Exception as exc:
+                raise map_error(exc, "program BPF tunnel peers") from exc
+        return removed + len(peers)
+
+    def _peers(self, owner: Any, vni: int) -> dict[ipaddress.IPv4Address, PeerEntry]:
+        return {
+            p.address: PeerEntry(p.address, p.mac, p.vtep) for p in owner.peers() if p.vni == vni
+        }
+
+    def sync_peers(self, dev: OverlayDevices, desired: Sequence[PeerEntry]) -> list[Fix]:
+        """Make the peer map's entries of this VNI exactly `desired`, put back a program
+        that was taken off the VXLAN device or a host end, and drop entries of host ends
+        that are gone. Returns what was fixed."""
+        from cnm.ebpf.tunnel import TunnelPeer
+
+        fixes: list[Fix] = []
+        with self._lock:
+            owner = self._owners.get(dev.port) or self._owner(dev.port, dev.vxlan)
+            try:
+                with owner.lock:
+                    owner.ensure_current()
+                    have = self._peers(owner, dev.vni)
+                    want = {p.ip: p for p in desired}
+                    for ip, p in have.items():
+                        if ip not in want:
+                            owner.remove_peer(ip)
+                            fixes.append(("overlay_peer_removed", f"{ip} via {p.vtep}"))
+                    add = [p for ip, p in want.items() if have.get(ip) != p]
+                    owner.add_peers([TunnelPeer(p.ip, p.vtep, p.mac, dev.vni) for p in add])
+                    fixes += [("overlay_peer_restored", f"{p.ip} via {p.vtep}") for p in add]
+                    fixes += self._check_programs(owner, dev)
+            except errors.CNMError:
+                raise
+            except Exception as exc:
+                raise map_error(exc, "repair the BPF tunnel") from exc
+        return fixes
+
+    def _check_programs(self, owner: Any, dev: OverlayDevices) -> list[Fix]:
+        fixes: list[Fix] = []
+        if not owner.attached(dev.vxlan, netns=self.key):
+            owner.attach_vxlan(netns=self.key, ifindex=dev.vxlan)
+            fixes.append(("tunnel_program_reattached", device_name(dev.port)))
+        present = {
+            link.index for link in map(records.link_record, self._sock().dump(rtnl.dump_links()))
+        }
+        for ep in owner.endpoints():
+            if ep.vni != dev.vni:
+                continue
+            if ep.ifindex not in present:
+                owner.remove_endpoint(ep.address)
+                self._local.pop(ep.ifindex, None)
+                fixes.append(("tunnel_endpoint_removed", str(ep.address)))
+            elif not owner.attached(ep.ifindex, netns=self.key):
+                owner.attach_endpoint(ep.ifindex, netns=self.key)
+                fixes.append(("tunnel_program_reattached", str(ep.address)))
+        return fixes
+
+    def programmed(self, dev: OverlayDevices) -> tuple[set[Fdb], set[Neighbour]]:
+        """The peer map's entries of this VNI, as the kernel path's tables would hold
+        them: (MAC, VTEP) pairs and (IP, MAC) pairs."""
+        with self._lock:
+            owner = self._owners.get(dev.port) or self._owner(dev.port, dev.vxlan)
+            try:
+                with owner.lock:
+                    owner.ensure_current(load=False)
+                    peers = self._peers(owner, dev.vni).values()
+            except Exception as exc:
+                raise map_error(exc, "read BPF tunnel peers") from exc
+        return {(p.mac, p.vtep) for p in peers}, {(p.ip, p.mac) for p in peers}
+
+    def counters(self) -> dict[str, int]:
+        """Every port's tunnel counters, summed."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for owner in self._owners.values():
+                with contextlib.suppress(Exception):
+                    for name, value in owner.counter_values().items():
+                        out[name] = out.get(name, 0) + int(value)
+        return out
+
+
+def _no_master(item: VethIntoSandbox) -> VethIntoSandbox:
+    """The tunnel's host ends hang on no bridge, with no bridge-port settings."""
+    if not item.master and not item.hairpin and not item.isolated:
+        return item
+    from dataclasses import replace
+
+    return replace(item, master=0, hairpin=False, isolated=False)
+
+
+def overlay_links(
+    run_dir: str, accel: Accelerator, backend: str | None = None
+) -> OverlayLinks | TunnelLinks:
+    """This host's overlay data path: the BPF tunnel when the controller's eBPF data path
+    is in use and cnm_tunnel passes its probe, else the kernel's (a namespace per network
+    with br0 and vxlan0). The choice sticks while the host has overlay networks: a host
+    with kernel-path overlay namespaces keeps the kernel path (their VXLAN sockets hold
+    the UDP port the tunnel would need) until they are gone. With ebpf="on" a tunnel that
+    cannot run raises EbpfUnavailable; with "auto" the reason is logged and the kernel
+    path is used."""
+    kernel = OverlayLinks(run_dir, backend=backend)
+    if accel.mode == "off":
+        return kernel
+    if kernel.networks():
+        _log.info("overlay networks keep the kernel path: this host has overlay networks on it")
+        return kernel
+    reason = accel.reason
+    if accel.active:
+        try:
+            from cnm.ebpf import probe
+
+            result = probe.probe(("cnm_tunnel",))
+        except ImportError as exc:
+            reason = f"cnm.ebpf cannot be imported: {exc}"
+        else:
+            if result.ok:
+                return TunnelLinks(run_dir, accel.pin_root, backend=backend)
+            reason = str(result.reason)
+    if accel.mode == "on":
+        raise errors.EbpfUnavailable(f"overlay BPF tunnel: {reason}")
+    _log.warning("overlay networks use the kernel path (no BPF tunnel): %s", reason)
+    return kernel

@@ -1,0 +1,198 @@
+"""Overlay networks on the BPF tunnel (issue 7): hosts whose controller runs the eBPF data
+path carry overlay traffic through cnm_tunnel (one external VXLAN device per host, maps
+fed by the peer records in etcd), next to a host on the kernel path (vxlan0 + br0 per
+network), all on one VXLAN wire format.
+
+Three hosts (tests/e2e/overlay_rig.py): 1 and 2 with ebpf="on", 3 with ebpf="off".
+Independent oracles: `ping` from inside the sandboxes (no static neighbour anywhere: the
+program answers ARP), `ip -d link` and `tc filter` inside the tunnel namespace, the
+pinned maps read with the loader, the programs' counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cnm.control.osl.accel import default_pin_root
+from tests.e2e.overlay_rig import Rig, etcd_available, wait_for
+from tests.kernel.oracles import link_kind, ns_link_details, ns_neighbours, ns_ping
+
+pytestmark = [
+    pytest.mark.privileged,
+    pytest.mark.skipif(not etcd_available(), reason="etcd-server is not installed"),
+]
+
+_names = itertools.count(1)
+BPF_HOSTS = (1, 2)
+KERNEL_HOST = 3
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    from cnm.ebpf import probe
+
+    result = probe.probe(("cnm_tunnel", "cnm_redirect"))
+    if result.verdict == "skip":
+        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
+    assert result.ok, result.reason
+    r = Rig(
+        Path(tmp_path_factory.mktemp("overlay-bpf")),
+        hosts=3,
+        env={"CNM_OVERLAY_REPAIR_INTERVAL": "3600", "CNM_ETCD_LIVENESS": "1"},
+        host_env={1: {"CNM_RIG_EBPF": "on"}, 2: {"CNM_RIG_EBPF": "on"}},
+    )
+    try:
+        yield r.start()
+    finally:
+        r.close()
+
+
+def _net(rig: Rig, **kw: object) -> str:
+    name = f"bo{next(_names)}"
+    rig.host(1).call("create_network", name=name, **kw)
+    return name
+
+
+def _join(rig: Rig, i: int, net: str, ep: str) -> tuple[str, dict]:
+    h = rig.host(i)
+    [info] = h.call("create_endpoints", net=net, names=[ep])
+    [key] = h.call("join_many", items=[[net, ep, f"c-{ep}"]])
+    return key, info
+
+
+def _pins(rig: Rig, i: int) -> str:
+    return os.path.join(default_pin_root(rig.host(i).state), "tunnel-4789", "cnm_tunnel")
+
+
+def _tc_filters(key: str, dev: str) -> list[dict]:
+    from tests.kernel.oracles import tool_json
+
+    return tool_json("tc", "-j", "filter", "show", "dev", dev, "ingress", path=key)
+
+
+def test_hosts_choose_their_data_path(rig: Rig) -> None:
+    assert [rig.host(i).call("datapath") for i in (1, 2, 3)] == ["bpf", "bpf", "kernel"]
+
+
+def test_bpf_hosts_and_a_kernel_host_ping_each_other(rig: Rig) -> None:
+    net = _net(rig)
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    before = {i: rig.host(i).call("tunnel_counters") for i in BPF_HOSTS}
+    for i, (key, _) in joined.items():
+        for j, (_, other) in joined.items():
+            if i != j:
+                assert wait_for(lambda k=key, o=other: ns_ping(k, o["ip"]), 10), (i, j)
+    # The program answered the containers' ARP with the peers' real MACs.
+    key1 = joined[1][0]
+    seen = {n["dst"]: n.get("lladdr") for n in ns_neighbours(key1, "eth0")}
+    assert seen[joined[2][1]["ip"]] == joined[2][1]["mac"]
+    assert seen[joined[3][1]["ip"]] == joined[3][1]["mac"]
+    # Host 1's data plane: one external VXLAN device and the host end, no bridge and no
+    # per-network namespace; cnm_tunnel on both.
+    tkey = rig.host(1).call("tunnel_key")
+    links = ns_link_details(tkey)
+    vx = links["vxt4789"]["linkinfo"]["info_data"]
+    assert vx.get("external") is True and vx["port"] == 4789
+    kinds = {n: link_kind(link) for n, link in links.items()}
+    assert "bridge" not in kinds.values()
+    ends = [n for n, kind in kinds.items() if kind == "veth"]
+    assert len(ends) == 1
+    for dev in ("vxt4789", ends[0]):
+        # (the kernel keeps 15 characters of a program's name)
+        names = [f.get("options", {}).get("bpf_name") or "" for f in _tc_filters(tkey, dev)]
+        assert any(n.startswith("cnm_tunnel_") for n in names), (dev, names)
+    assert ns_link_details(key1)["eth0"]["mtu"] == 1450
+    # The counters prove the program carried it, both ways, and answered ARP.
+    for i in BPF_HOSTS:
+        after = rig.host(i).call("tunnel_counters")
+        assert after["encapsulated"] > before[i]["encapsulated"], i
+        assert after["decapsulated"] > before[i]["decapsulated"], i
+    # The peer map holds the remote peers as the kernel path's tables would.
+    prog = rig.host(1).call("programmed", name=net)
+    assert [joined[3][1]["mac"], rig.vtep(KERNEL_HOST)] in prog["fdb"]
+    assert [joined[2][1]["ip"], joined[2][1]["mac"]] in prog["neigh"]
+
+
+def test_same_host_same_network_goes_direct(rig: Rig) -> None:
+    net = _net(rig)
+    ka, a = _join(rig, 1, net, f"{net}-a")
+    kb, b = _join(rig, 1, net, f"{net}-b")
+    before = rig.host(1).call("tunnel_counters")["local"]
+    assert ns_ping(ka, b["ip"]) and ns_ping(kb, a["ip"])
+    assert rig.host(1).call("tunnel_counters")["local"] > before
+
+
+def test_networks_stay_apart(rig: Rig) -> None:
+    n1, n2 = _net(rig), _net(rig)
+    k1, _ = _join(rig, 1, n1, f"{n1}-e1")
+    _, other_host = _join(rig, 2, n2, f"{n2}-e2")
+    _, same_host = _join(rig, 1, n2, f"{n2}-e3")
+    _, peer = _join(rig, 2, n1, f"{n1}-e4")
+    assert wait_for(lambda: ns_ping(k1, peer["ip"]), 10)  # the network itself works
+    assert not ns_ping(k1, other_host["ip"])
+    assert not ns_ping(k1, same_host["ip"])
+
+
+def test_leave_removes_the_peer_everywhere(rig: Rig) -> None:
+    net = _net(rig)
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    ip1, mac1 = joined[1][1]["ip"], joined[1][1]["mac"]
+    assert wait_for(lambda: [ip1, mac1] in rig.host(2).call("programmed", name=net)["neigh"], 10)
+    rig.host(1).call("leave_many", items=[[net, f"{net}-e1", f"c-{net}-e1"]])
+    assert wait_for(
+        lambda: [ip1, mac1] not in rig.host(2).call("programmed", name=net)["neigh"], 10
+    )
+    # Host 1 keeps no entry and no device of it.
+    assert [ip1, mac1] not in rig.host(1).call("programmed", name=net)["neigh"]
+    links = ns_link_details(rig.host(1).call("tunnel_key"))
+    assert f"ov{joined[1][1]['id'][:13]}" not in links
+    assert ns_ping(joined[2][0], joined[3][1]["ip"])
+    assert ns_ping(joined[3][0], joined[2][1]["ip"])
+
+
+def test_reconcile_repairs_programs_and_peer_entries(rig: Rig) -> None:
+    from cnm.ebpf.loader import Map
+
+    net = _net(rig)
+    k1, e1 = _join(rig, 1, net, f"{net}-e1")
+    k2, e2 = _join(rig, 2, net, f"{net}-e2")
+    assert wait_for(lambda: ns_ping(k2, e1["ip"]), 10)
+    tkey = rig.host(2).call("tunnel_key")
+    end = next(n for n in ns_link_details(tkey) if n.startswith("ov"))
+    # Damage behind the controller's back: the program off the host end and off the VXLAN
+    # device, the peer's entry gone: host 2's container is cut off.
+    for dev in (end, "vxt4789"):
+        subprocess.run(
+            ["nsenter", f"--net={tkey}", "tc", "filter", "del", "dev", dev, "ingress"],
+            check=True,
+            capture_output=True,
+        )
+    with Map.from_pin(os.path.join(_pins(rig, 2), "cnm_tun_peers")) as peers:
+        assert peers.delete(bytes(map(int, e1["ip"].split("."))))
+    assert not ns_ping(k2, e1["ip"])
+    kinds = [r["kind"] for r in rig.host(2).call("reconcile")["repairs"]]
+    assert "overlay_peer_restored" in kinds
+    assert kinds.count("tunnel_program_reattached") == 2
+    assert wait_for(lambda: ns_ping(k2, e1["ip"]), 10)
+    assert ns_ping(k1, e2["ip"])
+
+
+def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
+    # Every network of this module is deleted: the tunnel namespace and its pins go.
+    for name in rig.host(1).call("networks"):
+        for i in (1, 2, 3):
+            for net, ep, cont in rig.host(i).call("joined", name=name):
+                if cont is not None:
+                    rig.host(i).call("leave_many", items=[[net, ep, cont]])
+                rig.host(i).call("delete_endpoint", net=net, ep=ep)
+        rig.host(1).call("delete_network", name=name)
+    for i in BPF_HOSTS:
+        tkey = rig.host(i).call("tunnel_key")
+        assert wait_for(lambda k=tkey: not os.path.exists(k), 10), i
+        assert not os.path.exists(_pins(rig, i)), i
