@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cnm.control.osl.accel import default_pin_root
-from tests.e2e.overlay_rig import Rig, etcd_available, wait_for
+from tests.e2e.overlay_rig import RemoteError, Rig, etcd_available, wait_for
 from tests.kernel.oracles import link_kind, ns_link_details, ns_neighbours, ns_ping
 
 pytestmark = [
@@ -181,6 +181,60 @@ def test_reconcile_repairs_programs_and_peer_entries(rig: Rig) -> None:
     assert kinds.count("tunnel_program_reattached") == 2
     assert wait_for(lambda: ns_ping(k2, e1["ip"]), 10)
     assert ns_ping(k1, e2["ip"])
+
+
+def _tunnel_entries(rig: Rig, i: int) -> set[str]:
+    from cnm.ebpf.loader import Map
+
+    with Map.from_pin(os.path.join(_pins(rig, i), "cnm_tun_local")) as local:
+        return {".".join(map(str, k)) for k, _ in local.items()}
+
+
+def test_failed_join_leaves_no_device_and_no_entry(rig: Rig) -> None:
+    """A batch of two joins on the tunnel whose second host end cannot be made (its name
+    is taken in the tunnel namespace): the whole join is rolled back, with no host end,
+    no container interface and no map entry left of either; both join once the name is
+    free."""
+    from cnm.control.drivers.overlay import host_name
+    from tests.kernel.oracles import ns_links
+
+    h2 = rig.host(2)
+    net = _net(rig)
+    _join(rig, 2, net, f"{net}-first")  # the tunnel exists on host 2
+    a, b = h2.call("create_endpoints", net=net, names=[f"{net}-a", f"{net}-b"])
+    tkey = h2.call("tunnel_key")
+    before_links, before_entries = set(ns_links(tkey)), _tunnel_entries(rig, 2)
+    squat = ["nsenter", f"--net={tkey}", "ip", "link", "add", host_name(b["id"]), "type", "bridge"]
+    subprocess.run(squat, check=True, capture_output=True)
+    items = [[net, f"{net}-a", f"c-{net}-a"], [net, f"{net}-b", f"c-{net}-b"]]
+    with pytest.raises(RemoteError):
+        h2.call("join_many", items=items)
+    assert set(ns_links(tkey)) == before_links | {host_name(b["id"])}  # only the squatter
+    assert _tunnel_entries(rig, 2) == before_entries
+    assert a["ip"] not in _tunnel_entries(rig, 2)
+    subprocess.run([*squat[:4], "del", host_name(b["id"])], check=True, capture_output=True)
+    key_a, key_b = h2.call("join_many", items=items)
+    assert {a["ip"], b["ip"]} <= _tunnel_entries(rig, 2)
+    assert ns_ping(key_a, b["ip"]) and ns_ping(key_b, a["ip"])
+
+
+def test_reconcile_drops_the_entry_of_a_vanished_host_end(rig: Rig) -> None:
+    from cnm.control.drivers.overlay import host_name
+
+    net = _net(rig)
+    _, e = _join(rig, 1, net, f"{net}-e")
+    assert e["ip"] in _tunnel_entries(rig, 1)
+    tkey = rig.host(1).call("tunnel_key")
+    subprocess.run(
+        ["nsenter", f"--net={tkey}", "ip", "link", "del", host_name(e["id"])],
+        check=True,
+        capture_output=True,
+    )
+    repairs = rig.host(1).call("reconcile")["repairs"]
+    assert any(
+        r["kind"] == "tunnel_endpoint_removed" and e["ip"] in r["object"] for r in repairs
+    ), repairs
+    assert e["ip"] not in _tunnel_entries(rig, 1)
 
 
 def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
