@@ -1028,7 +1028,13 @@ class NetworkController:
                     if rec.id in seen:
                         raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
                     seen.add(rec.id)
-                    self._check_sandbox_handle(target)
+                    # A Sandbox handle must still name a live sandbox; read once, it is
+                    # also the sandbox of its container (container ids are unique).
+                    handle_sb: SandboxRecord | None = None
+                    if isinstance(target, Sandbox):
+                        handle_sb = self._store.sandbox_by_id(target.id)
+                        if handle_sb is None:
+                            raise errors.SandboxNotFound(target.container_id)
                     if rec.state != "ready":
                         raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
                     if rec.join_state:
@@ -1036,7 +1042,11 @@ class NetworkController:
                     net = net_of.get(rec.network_id) or self._store.network_by_id(rec.network_id)
                     assert net is not None
                     net_of[net.id] = net
-                    sb = self._store.sandbox_by_container(cid) or new_sandboxes.get(cid)
+                    sb = (
+                        handle_sb
+                        or self._store.sandbox_by_container(cid)
+                        or new_sandboxes.get(cid)
+                    )
                     if sb is None:
                         sid = new_id()
                         sb = SandboxRecord(
@@ -1072,8 +1082,9 @@ class NetworkController:
                     used_names[sb.id].add(ifname)
                     plans.append(_JoinPlan(rec, net, sb, ifname))
                 self._check_ports([p.network for p in plans])
-                self._store.put_sandboxes(list(new_sandboxes.values()))
-                self._store.put_endpoints(
+                if new_sandboxes:
+                    self._store.put_sandboxes(list(new_sandboxes.values()))
+                self._store.put_join_intents(
                     [
                         replace(p.endpoint, sandbox_id=p.sandbox.id, join_state="joining")
                         for p in plans
@@ -1125,7 +1136,7 @@ class NetworkController:
                 self._rollback_join(exc, plans, joined, created, list(new_sandboxes.values()))
                 raise
             with self._store.tx():
-                self._store.put_endpoints(
+                self._store.put_join_results(
                     [
                         replace(
                             p.endpoint,
@@ -1138,9 +1149,10 @@ class NetworkController:
                         for p in plans
                     ]
                 )
-                self._store.put_sandboxes(
-                    [replace(sb, state="ready") for sb in new_sandboxes.values()]
-                )
+                if new_sandboxes:
+                    self._store.put_sandboxes(
+                        [replace(sb, state="ready") for sb in new_sandboxes.values()]
+                    )
             # Without a hostname a sandbox's files do not depend on its endpoints: they
             # were written when it was made.
             self._write_files(

@@ -3,7 +3,8 @@
 Privileges, network namespace creation (a real probe namespace made and removed), the
 fast-path backend, the store, what the optional eBPF data path would find, and whether
 it is in use for this state directory: its pins (read, never loaded) and the redirect
-program's per-CPU counters summed (redirected, passed = left to the kernel path, ...).
+program's per-CPU counters summed (redirected, passed = left to the kernel path, ...),
+and the overlay tunnel's counters per UDP port when this host runs it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cnm.ebpf.probe import EbpfProbe, probe
 from cnm.fastpath import netns
 
 from .osl.accel import default_pin_root, pinned_counters
+from .osl.tunnel import pinned_tunnel_counters
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
@@ -59,6 +61,10 @@ class DoctorReport:
             *((f"eBPF {c.name}", ("ok: " if c.ok else "FAILED: ") + c.detail) for c in e.checks),
             ("eBPF data path", "available" if e.ok else f"unavailable ({e.verdict})"),
             ("eBPF data path in use", _in_use_text(self.ebpf_datapath, e)),
+            *(
+                (f"eBPF overlay tunnel, port {port}", ", ".join(f"{k} {v}" for k, v in c.items()))
+                for port, c in (self.ebpf_datapath.get("tunnel") or {}).items()
+            ),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
@@ -80,7 +86,17 @@ def _datapath(pin_root: str, notes: list[str]) -> dict[str, Any]:
     except Exception as exc:  # pins of another build, no privilege, ...
         notes.append(f"eBPF pins at {pin_root} unreadable: {exc}")
         counters = None
-    return {"pin_root": pin_root, "in_use": counters is not None, "counters": counters}
+    try:
+        tunnel = pinned_tunnel_counters(pin_root)
+    except Exception as exc:
+        notes.append(f"eBPF tunnel pins at {pin_root} unreadable: {exc}")
+        tunnel = None
+    return {
+        "pin_root": pin_root,
+        "in_use": counters is not None or tunnel is not None,
+        "counters": counters,
+        "tunnel": tunnel,
+    }
 
 
 def _caps() -> int:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cnm.fastpath import bulk, netns, records, rtnl
+from cnm.fastpath.messages import Message
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
 from .. import errors
@@ -69,32 +70,39 @@ def _enable_ipv6(name: str) -> None:
 def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     """Inside the sandbox: name, address and route the interface; returns its name."""
     if cfg.name is not None and cfg.name == cfg.src_name:
-        # Made under its final name: only its index is needed.
+        # Made under its final name (down): only its index is needed. MAC and MTU go in
+        # the message that brings it up (the kernel applies them before the flags), so
+        # the batch has as many messages as the floor's: addresses, up, routes.
         idx = sock.ifindex(cfg.name)
-        name = cfg.name
-        reqs = []
-        if cfg.mac is not None or cfg.mtu is not None:
-            reqs.append(rtnl.link_set(idx, mac=cfg.mac, mtu=cfg.mtu))
-    else:
-        # One dump gives both the interface's index and the names in use.
-        dump = sock.dump(rtnl.dump_links())
-        links = {rec.name: rec for rec in map(records.link_record, dump)}
-        link = links.pop(cfg.src_name, None)
-        if link is None:
-            raise NetlinkError(errno.ENODEV, f"no interface {cfg.src_name} in the sandbox")
-        name = free_name(set(links), cfg.dst_prefix)
-        idx = link.index
-        reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
+        reqs = [rtnl.addr_add(idx, a) for a in cfg.addresses]
+        reqs.append(rtnl.link_set(idx, up=True, mac=cfg.mac, mtu=cfg.mtu))
+        _add_routes(reqs, idx, cfg)
+        sock.execute(reqs).raise_first()
+        return cfg.name
+    # One dump gives both the interface's index and the names in use.
+    dump = sock.dump(rtnl.dump_links())
+    links = {rec.name: rec for rec in map(records.link_record, dump)}
+    link = links.pop(cfg.src_name, None)
+    if link is None:
+        raise NetlinkError(errno.ENODEV, f"no interface {cfg.src_name} in the sandbox")
+    name = free_name(set(links), cfg.dst_prefix)
+    idx = link.index
+    reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
     reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
     reqs.append(rtnl.link_set(idx, up=True))
+    _add_routes(reqs, idx, cfg)
+    sock.execute(reqs).raise_first()
+    return name
+
+
+def _add_routes(reqs: list[Message], idx: int, cfg: InterfaceConfig) -> None:
+    """The gateway and static routes of an interface that is up, appended to `reqs`."""
     if cfg.gateway is not None:
         reqs.append(rtnl.route_add(bulk.DEFAULT_V4, gateway=cfg.gateway, oif=idx))
     if cfg.gateway6 is not None:
         reqs.append(rtnl.route_add(bulk.DEFAULT_V6, gateway=cfg.gateway6, oif=idx))
     for r in cfg.routes:
         reqs.append(rtnl.route_add(r.destination, gateway=r.gateway, oif=idx))
-    sock.execute(reqs).raise_first()
-    return name
 
 
 class SandboxInterfaces:

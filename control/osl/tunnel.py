@@ -549,3 +549,25 @@ def overlay_links(
         raise errors.EbpfUnavailable(f"overlay BPF tunnel: {reason}")
     _log.warning("overlay networks use the kernel path (no BPF tunnel): %s", reason)
     return kernel
+
+
+def pinned_tunnel_counters(pin_root: str) -> dict[str, dict[str, int]] | None:
+    """The BPF tunnel counters a controller's pins hold, per UDP port (read-only: nothing
+    is loaded); None when there are none under `pin_root`."""
+    if not os.path.isdir(pin_root):
+        return None
+    from cnm.ebpf.loader import Map
+    from cnm.ebpf.tunnel import COUNTERS, TunnelOwner
+
+    out: dict[str, dict[str, int]] = {}
+    for entry in sorted(os.listdir(pin_root)):
+        pin = os.path.join(pin_root, entry, TunnelOwner.object_name, COUNTERS)
+        if not entry.startswith("tunnel-") or not os.path.exists(pin):
+            continue
+        counters: dict[str, int] = {}
+        with Map.from_pin(pin) as m:
+            for i, name in enumerate(TunnelOwner.counter_names):
+                slots = m.lookup_percpu(i.to_bytes(4, "little")) or []
+                counters[name] = sum(int.from_bytes(s, "little") for s in slots)
+        out[entry.removeprefix("tunnel-")] = counters
+    return out or None

@@ -237,6 +237,20 @@ def test_reconcile_drops_the_entry_of_a_vanished_host_end(rig: Rig) -> None:
     assert e["ip"] not in _tunnel_entries(rig, 1)
 
 
+def test_doctor_shows_the_tunnel_counters(rig: Rig) -> None:
+    import json
+    import sys
+
+    h1 = rig.host(1)
+    cnm = str(Path(sys.executable).with_name("cnm"))
+    argv = [cnm, "--json", "--state-dir", h1.state, "--run-dir", h1.run, "doctor"]
+    out = subprocess.run(
+        ["nsenter", f"--net={h1.netns}", *argv], check=True, capture_output=True, text=True
+    ).stdout
+    tunnel = json.loads(out)["ebpf_datapath"]["tunnel"]
+    assert tunnel["4789"]["encapsulated"] > 0 and tunnel["4789"]["decapsulated"] > 0
+
+
 def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
     # Every network of this module is deleted: the tunnel namespace and its pins go.
     for name in rig.host(1).call("networks"):
