@@ -1043,9 +1043,7 @@ class NetworkController:
                     assert net is not None
                     net_of[net.id] = net
                     sb = (
-                        handle_sb
-                        or self._store.sandbox_by_container(cid)
-                        or new_sandboxes.get(cid)
+                        handle_sb or self._store.sandbox_by_container(cid) or new_sandboxes.get(cid)
                     )
                     if sb is None:
                         sid = new_id()

@@ -51,6 +51,7 @@ DEFAULT_PREFIX = "cnm"
 API_PATH = "/v3/"  # etcd >= 3.4
 LIVENESS = float(os.environ.get("CNM_ETCD_LIVENESS", "5"))
 KEEPALIVE_PROBES = 3  # TCP keepalive probes, 1 s apart, after LIVENESS s of silence
+MAX_TXN_OPS = 128  # etcd's default limit of operations in one transaction
 
 
 @dataclass(frozen=True)
@@ -305,11 +306,13 @@ class EtcdStore:
         self.txn((), [Put(key, value)])
 
     def put_many(self, items: Mapping[str, Any], deletes: Sequence[str] = ()) -> None:
-        """Many puts and deletes in one transaction (one revision, one round trip)."""
+        """Many puts and deletes, in transactions of at most MAX_TXN_OPS operations (etcd
+        refuses bigger ones by default: --max-txn-ops=128): one round trip each. Each
+        key stands alone, so a batch needs no single revision."""
         ops: list[Op] = [Delete(k) for k in deletes]
         ops += [Put(k, v) for k, v in items.items()]
-        if ops:
-            self.txn((), ops)
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            self.txn((), ops[start : start + MAX_TXN_OPS])
 
     def create(self, key: str, value: Any) -> bool:
         """Put `key` only if it does not exist; False when it did."""

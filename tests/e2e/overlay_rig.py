@@ -370,6 +370,10 @@ def _serve(netns_path: str, state: str, run: str, store: str) -> None:
         if op == "delete_endpoint":
             endpoint(a["net"], a["ep"]).delete()
             return None
+        if op == "delete_endpoints":
+            n = ctl.network(a["net"])
+            ctl.delete_endpoints([n.endpoint(e) for e in a["eps"]])
+            return None
         if op == "delete_network":
             ctl.network(a["name"]).delete()
             return None

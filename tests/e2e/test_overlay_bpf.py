@@ -237,6 +237,23 @@ def test_reconcile_drops_the_entry_of_a_vanished_host_end(rig: Rig) -> None:
     assert e["ip"] not in _tunnel_entries(rig, 1)
 
 
+def test_past_the_bridge_port_limit(rig: Rig) -> None:
+    """No bridge on the tunnel, so no 1024-port limit: 1100 containers of one network on
+    one host, with pings between sampled pairs and to another host."""
+    n = 1100
+    h1 = rig.host(1)
+    net = _net(rig, subnet="10.240.0.0/16")
+    eps = h1.call("create_endpoints", net=net, names=[f"{net}-{i}" for i in range(n)])
+    keys = h1.call("join_many", items=[[net, e["name"], f"c-{e['name']}"] for e in eps])
+    k2, far = _join(rig, 2, net, f"{net}-far")
+    for a, b in ((0, n - 1), (n // 2, 1), (n - 1, n // 3)):
+        assert ns_ping(keys[a], eps[b]["ip"]), (a, b)
+    assert wait_for(lambda: ns_ping(keys[n - 1], far["ip"]), 10)
+    assert ns_ping(k2, eps[0]["ip"])
+    h1.call("leave_many", items=[[net, e["name"], f"c-{e['name']}"] for e in eps])
+    h1.call("delete_endpoints", net=net, eps=[e["name"] for e in eps])
+
+
 def test_doctor_shows_the_tunnel_counters(rig: Rig) -> None:
     import json
     import sys
