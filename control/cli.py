@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "native", "python"),
         default=os.environ.get("CNM_FASTPATH", "auto"),
     )
+    p.add_argument(
+        "--ebpf",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("CNM_EBPF", "auto"),
+        help="the optional eBPF data path (same-host redirect, overlay tunnel)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -361,6 +367,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             args.run_dir,
             fastpath=args.fastpath,
             store=args.store,
+            ebpf=args.ebpf,
             repair_interval=args.repair_interval,
             status_every=args.status_every,
         )
@@ -369,7 +376,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return demo(args.state_dir, args.run_dir, args.fastpath, args.containers, as_json=args.json)
     with NetworkController(
-        state_dir=args.state_dir, run_dir=args.run_dir, fastpath=args.fastpath
+        state_dir=args.state_dir, run_dir=args.run_dir, fastpath=args.fastpath, ebpf=args.ebpf
     ) as ctl:
         if args.command == "network":
             _network_cmd(ctl, args, out)

@@ -1700,11 +1700,17 @@ def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) ->
     return out
 
 
+# An endpoint's stored addresses, parsed once (each join needs them twice; the objects
+# are immutable, so sharing them is safe).
+_ipv4_interface = functools.lru_cache(maxsize=4096)(ipaddress.IPv4Interface)
+_ipv6_interface = functools.lru_cache(maxsize=4096)(ipaddress.IPv6Interface)
+
+
 def _interface_info(ep: EndpointRecord) -> InterfaceInfo:
     """The endpoint's interface as allocated (SandboxInfo.interface at join)."""
     return InterfaceInfo(
-        ipaddress.IPv4Interface(ep.ipv4_address) if ep.ipv4_address else None,
-        ipaddress.IPv6Interface(ep.ipv6_address) if ep.ipv6_address else None,
+        _ipv4_interface(ep.ipv4_address) if ep.ipv4_address else None,
+        _ipv6_interface(ep.ipv6_address) if ep.ipv6_address else None,
         ep.mac_address or None,
     )
 
@@ -1731,9 +1737,9 @@ def _interface_config(
     its gateway endpoint already)."""
     addresses: list[Any] = []
     if ep.ipv4_address:
-        addresses.append(ipaddress.IPv4Interface(ep.ipv4_address))
+        addresses.append(_ipv4_interface(ep.ipv4_address))
     if ep.ipv6_address:
-        addresses.append(ipaddress.IPv6Interface(ep.ipv6_address))
+        addresses.append(_ipv6_interface(ep.ipv6_address))
     routes = tuple(
         Route(
             ipaddress.ip_network(r.destination, strict=False),

@@ -187,6 +187,7 @@ class GlobalScope:
         return {
             "host": self.host,
             "vtep": str(self.vtep),
+            "datapath": self.links.datapath,  # the overlay's: "kernel" or "bpf"
             "connected": self.connected,
             "resyncs": self.resyncs,
             "repairs": len(self.repairs),
@@ -533,6 +534,7 @@ def run_agent(
     *,
     fastpath: str | None = None,
     store: str | None = None,
+    ebpf: str = "auto",
     repair_interval: float | None = None,
     status_every: float = 0,
 ) -> int:
@@ -548,7 +550,7 @@ def run_agent(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with NetworkController(
-        state_dir=state_dir, run_dir=run_dir, fastpath=fastpath, store=store
+        state_dir=state_dir, run_dir=run_dir, fastpath=fastpath, store=store, ebpf=ebpf
     ) as ctl:
         scope = ctl.global_scope
         if scope is not None and repair_interval is not None:

@@ -28,6 +28,7 @@ interface group: the firewall's isolation, ICC and masquerade rules match that g
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -139,14 +140,15 @@ class _Net:
     def group(self) -> int | None:
         return routed_group(self.info.id) if self.routed else None
 
-    @property
+    # Parsed once per network (the info never changes): every join asks for them.
+    @functools.cached_property
     def gateway4(self) -> ipaddress.IPv4Address | None:
         for p in self.info.ipv4:
             if p.gateway:
                 return ipaddress.IPv4Interface(p.gateway).ip
         return None
 
-    @property
+    @functools.cached_property
     def gateway6(self) -> ipaddress.IPv6Address | None:
         for p in self.info.ipv6:
             if p.gateway:

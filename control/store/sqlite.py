@@ -22,7 +22,7 @@ from typing import Any
 from .. import errors
 from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord, new_id
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from (index) to (index + 1). Never edit a released one.
 MIGRATIONS: list[str] = [
@@ -87,7 +87,57 @@ MIGRATIONS: list[str] = [
     ALTER TABLE endpoints ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE sandboxes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     """,
+    # 3: joined endpoints (joining, joined or leaving) counted per network by triggers, so
+    # the port-limit check of every join reads one row instead of scanning the network's
+    # endpoints (a cost that grew with the network).
+    """
+    CREATE TABLE joined_counts (
+        network_id TEXT PRIMARY KEY,
+        n INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO joined_counts (network_id, n)
+        SELECT network_id, count(*) FROM endpoints WHERE join_state != '' GROUP BY network_id;
+    CREATE TRIGGER endpoints_joined_insert AFTER INSERT ON endpoints
+        WHEN new.join_state != ''
+    BEGIN
+        INSERT INTO joined_counts (network_id, n) VALUES (new.network_id, 1)
+            ON CONFLICT(network_id) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER endpoints_joined_delete AFTER DELETE ON endpoints
+        WHEN old.join_state != ''
+    BEGIN
+        UPDATE joined_counts SET n = n - 1 WHERE network_id = old.network_id;
+    END;
+    CREATE TRIGGER endpoints_joined_update AFTER UPDATE OF join_state, network_id ON endpoints
+        WHEN (old.join_state != '') != (new.join_state != '')
+            OR old.network_id != new.network_id
+    BEGIN
+        UPDATE joined_counts SET n = n - 1
+            WHERE network_id = old.network_id AND old.join_state != '';
+        INSERT INTO joined_counts (network_id, n) SELECT new.network_id, 1
+            WHERE new.join_state != ''
+            ON CONFLICT(network_id) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER networks_joined_delete AFTER DELETE ON networks
+    BEGIN
+        DELETE FROM joined_counts WHERE network_id = old.id;
+    END;
+    """,
 ]
+
+
+def _statements(script: str) -> Iterator[str]:
+    """A migration's statements, one by one (a trigger body holds semicolons of its own,
+    so pieces are joined until SQLite calls the statement complete)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \t\n;"):
+        yield pending
 
 
 def _json(value: Any) -> str:
@@ -199,9 +249,8 @@ class SQLiteStore:
                     f"{SCHEMA_VERSION}: upgrade cnm"
                 )
             for step in range(version, SCHEMA_VERSION):
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
+                for statement in _statements(MIGRATIONS[step]):
+                    self._db.execute(statement)
             self._db.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -477,12 +526,8 @@ class SQLiteStore:
 
     def count_joined(self, network_id: str) -> int:
         """Endpoints of a network joined to a sandbox (or joining, or leaving)."""
-        row = self.fetchone(
-            "SELECT count(*) FROM endpoints WHERE network_id=? AND join_state != ''",
-            (network_id,),
-        )
-        assert row is not None
-        return int(row[0])
+        row = self.fetchone("SELECT n FROM joined_counts WHERE network_id=?", (network_id,))
+        return int(row[0]) if row else 0
 
     def count_endpoints(self, network_id: str | None = None) -> int:
         if network_id is None:
