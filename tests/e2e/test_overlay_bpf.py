@@ -237,6 +237,26 @@ def test_reconcile_drops_the_entry_of_a_vanished_host_end(rig: Rig) -> None:
     assert e["ip"] not in _tunnel_entries(rig, 1)
 
 
+def test_a_restarted_host_picks_up_its_tunnel(rig: Rig) -> None:
+    """Host 2's controller stops (its programs and pins stay: traffic keeps flowing) and
+    starts again: it picks the tunnel up, learns peers that joined meanwhile, and a new
+    join works."""
+    net = _net(rig)
+    k1, e1 = _join(rig, 1, net, f"{net}-e1")
+    k2, e2 = _join(rig, 2, net, f"{net}-e2")
+    assert wait_for(lambda: ns_ping(k1, e2["ip"]), 10)
+    h2 = rig.host(2)
+    h2.stop()
+    assert ns_ping(k1, e2["ip"]) and ns_ping(k2, e1["ip"])  # no controller needed
+    _, e3 = _join(rig, 1, net, f"{net}-e3")  # while host 2 is away
+    h2.start()
+    assert h2.call("datapath") == "bpf"
+    assert wait_for(lambda: ns_ping(k2, e3["ip"]), 10)
+    k4, _ = _join(rig, 2, net, f"{net}-e4")
+    assert wait_for(lambda: ns_ping(k4, e1["ip"]), 10)
+    assert ns_ping(k4, e2["ip"])
+
+
 def test_past_the_bridge_port_limit(rig: Rig) -> None:
     """No bridge on the tunnel, so no 1024-port limit: 1100 containers of one network on
     one host, with pings between sampled pairs and to another host."""
