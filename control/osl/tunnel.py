@@ -392,14 +392,8 @@ class TunnelLinks:
                 try:
                     with owner.lock:
                         owner.ensure_current()
-                        unknown = [i for i in indexes if i not in self._local]
-                        if unknown:
-                            for ep in owner.endpoints():
-                                self._local.setdefault(ep.ifindex, ep.address)
-                        for i in indexes:
-                            addr = self._local.pop(i, None)
-                            if addr is not None:
-                                owner.remove_endpoint(addr)
+                        for addr in self._addresses(owner, indexes):
+                            owner.remove_endpoint(addr)
                 except Exception as exc:
                     raise map_error(exc, "BPF tunnel endpoint map delete") from exc
         reqs = [rtnl.link_set_by_name(n, up=False, group=DETACH_GROUP) for n in names]
@@ -409,6 +403,29 @@ class TunnelLinks:
         if failed:
             k = min(failed)
             raise kernel_error(failed[k], "detach from the BPF tunnel")
+
+    def _addresses(self, owner: Any, indexes: Sequence[int]) -> list[ipaddress.IPv4Address]:
+        """The map's addresses of these host ends: from this process's cache when the map
+        agrees (another process may have made the namespace anew, reusing indexes), else
+        from one pass over the map."""
+        from cnm.ebpf.tunnel import LOCAL, TunnelEndpoint
+
+        found: list[ipaddress.IPv4Address] = []
+        missing: set[int] = set()
+        for i in indexes:
+            addr = self._local.pop(i, None)
+            raw = owner.map(LOCAL).lookup(addr.packed) if addr is not None else None
+            if (
+                addr is not None
+                and raw is not None
+                and TunnelEndpoint.from_raw(addr.packed, raw).ifindex == i
+            ):
+                found.append(addr)
+                continue
+            missing.add(i)
+        if missing:
+            found += [ep.address for ep in owner.endpoints() if ep.ifindex in missing]
+        return found
 
     # --- remote peers ---------------------------------------------------------------
 
