@@ -45,6 +45,7 @@ REPAIR_INTERVAL = float(os.environ.get("CNM_OVERLAY_REPAIR_INTERVAL", "30"))
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 _LOST = object()
+_DELETE = object()  # an outbox entry: remove the key
 
 
 class _Stopped(BaseException):
@@ -139,6 +140,13 @@ class GlobalScope:
         # withdrawn by the next resynchronisation.
         self._to_withdraw: dict[str, NetworkRecord] = {}
         self._thread: threading.Thread | None = None
+        # This host's peer records waiting to be written (key -> record, or _DELETE):
+        # joins and leaves do not wait for etcd; the publisher thread writes them in
+        # batches, the latest state of each key only.
+        self._outbox: dict[str, Any] = {}
+        self._outbox_cv = threading.Condition()
+        self._publishing = False
+        self._publisher: threading.Thread | None = None
 
     def attach(self) -> None:
         """Hand the controller the global IPAM and the overlay driver, synchronise once
@@ -161,7 +169,10 @@ class GlobalScope:
         call fails at once, a call in flight within the client timeout); then a pass
         through the controller's lock, so an agent step that holds it finishes and every
         later step sees the flag; then the thread is joined."""
+        self.flush(self.etcd.timeout)
         self._stop.set()
+        with self._outbox_cv:
+            self._outbox_cv.notify_all()
         self.etcd.close()
         with self.ctl.state_lock:
             pass
@@ -331,27 +342,73 @@ class GlobalScope:
         return out
 
     def joined(self, eps: Sequence[EndpointRecord]) -> None:
-        """Publish the peer records of endpoints that joined here (one transaction). While
-        etcd is away they wait: the agent publishes them on reconnect."""
+        """Publish the peer records of endpoints that joined here: queued for the
+        publisher thread, so the join does not wait for etcd (a round trip with a disk
+        write there); records queued together go in one transaction. While etcd is away
+        they wait: the agent publishes them on reconnect."""
         records = self._own_peers(eps)
         if records:
             self._write(records, ())
 
     def left(self, eps: Sequence[EndpointRecord]) -> None:
+        """Withdraw the peer records of endpoints that left here. Unlike a join, a leave
+        waits until etcd has it (or it was handed to the agent): a network delete that
+        follows on any host must not find the endpoint still there."""
         keys = list(self._own_peers(eps))
         if keys:
             self._write({}, keys)
+            self.flush(self.etcd.timeout)
 
     def _write(self, puts: Mapping[str, Any], deletes: Sequence[str]) -> None:
-        if not self.connected:
-            self._dirty.set()
+        """Queue this host's peer records for the publisher thread (the caller does not
+        wait for etcd)."""
+        with self._outbox_cv:
+            for k in deletes:
+                self._outbox[k] = _DELETE
+            self._outbox.update(puts)
+            if self._publisher is None or not self._publisher.is_alive():
+                self._publisher = threading.Thread(
+                    target=self._publish_loop, name="cnm-publish", daemon=True
+                )
+                self._publisher.start()
+            self._outbox_cv.notify_all()
+
+    def _publish_loop(self) -> None:
+        while True:
+            with self._outbox_cv:
+                while not self._outbox and not self._stop.is_set():
+                    self._outbox_cv.wait()
+                if not self._outbox:
+                    return
+                batch, self._outbox = self._outbox, {}
+                self._publishing = True
+            try:
+                self._publish(batch)
+            finally:
+                with self._outbox_cv:
+                    self._publishing = False
+                    self._outbox_cv.notify_all()
+
+    def _publish(self, batch: Mapping[str, Any]) -> None:
+        if not self.connected or self._stop.is_set():
+            self._dirty.set()  # the agent's resynchronisation publishes the store's truth
             return
+        puts = {k: v for k, v in batch.items() if v is not _DELETE}
+        deletes = [k for k, v in batch.items() if v is _DELETE]
         try:
             self.etcd.put_many(puts, deletes)
         except errors.StoreError as exc:
             _log.warning("peer records wait for the global store: %s", exc)
             self.last_error = str(exc)
             self._dirty.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued peer record was written (or handed to the agent's
+        resynchronisation); False on timeout."""
+        with self._outbox_cv:
+            return self._outbox_cv.wait_for(
+                lambda: not self._outbox and not self._publishing, timeout
+            )
 
     # --- resynchronisation ----------------------------------------------------------
 

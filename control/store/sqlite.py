@@ -140,8 +140,12 @@ def _statements(script: str) -> Iterator[str]:
         yield pending
 
 
+# One encoder for every write (json.dumps with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 @contextlib.contextmanager
