@@ -119,6 +119,20 @@ def test_bpf_hosts_and_a_kernel_host_ping_each_other(rig: Rig) -> None:
     assert [joined[2][1]["ip"], joined[2][1]["mac"]] in prog["neigh"]
 
 
+def test_a_network_on_another_udp_port(rig: Rig) -> None:
+    """A network on UDP port 4790: the BPF hosts get a second external device (and
+    program instance) for it, the kernel host a vxlan0 on that port; all reach each other."""
+    net = _net(rig, options={"com.cnm.overlay.vxlan_port": "4790"})
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    for i, (key, _) in joined.items():
+        for j, (_, other) in joined.items():
+            if i != j:
+                assert wait_for(lambda k=key, o=other: ns_ping(k, o["ip"]), 10), (i, j)
+    links = ns_link_details(rig.host(1).call("tunnel_key"))
+    assert links["vxt4790"]["linkinfo"]["info_data"]["port"] == 4790
+    assert links["vxt4790"]["linkinfo"]["info_data"].get("external") is True
+
+
 def test_same_host_same_network_goes_direct(rig: Rig) -> None:
     net = _net(rig)
     ka, a = _join(rig, 1, net, f"{net}-a")
