@@ -59,6 +59,7 @@ class ScopedIpam(DefaultIpam):
         super().__init__(store, routes=routes)
         self.etcd = etcd
         self.host = host
+        self._used: dict[str, set[int]] = {}  # pool id -> addresses known to be taken
 
     @staticmethod
     def is_global(pool_id: str) -> bool:
@@ -110,6 +111,7 @@ class ScopedIpam(DefaultIpam):
     def release_pool(self, pool_id: str) -> None:
         if not self.is_global(pool_id):
             return super().release_pool(pool_id)
+        self._used.pop(pool_id, None)
         for _ in range(_RETRIES):
             pools, rev = self._pools()
             if pool_id not in pools:
@@ -158,15 +160,27 @@ class ScopedIpam(DefaultIpam):
             if not self.etcd.create(prefix + str(address), record):
                 raise errors.AddressInUse(str(address))
             return iface((value, net.prefixlen))
+        # What this process knows is taken (read from etcd on first use and whenever a
+        # claim fails): a stale view costs a failed compare-and-swap, never a duplicate.
+        used = self._used.get(pool_id)
+        fresh = False
         for _ in range(_RETRIES):
-            kvs, _ = self.etcd.range(prefix)
-            used = {int(ipaddress.ip_address(kv.key.rsplit("/", 1)[1])) for kv in kvs}
+            if used is None:
+                kvs, _ = self.etcd.range(prefix)
+                used = {int(ipaddress.ip_address(kv.key.rsplit("/", 1)[1])) for kv in kvs}
+                self._used[pool_id] = used
+                fresh = True
             value = next((v for v in range(lo, hi + 1) if v not in used), None)
             if value is None:
-                raise errors.PoolExhausted(str(net))
+                if fresh:
+                    raise errors.PoolExhausted(str(net))
+                used = None  # others may have given some back
+                continue
             ip = ipaddress.ip_address(value)
             if self.etcd.create(prefix + str(ip), record):
+                used.add(value)
                 return iface((value, net.prefixlen))
+            used = None
         raise errors.GlobalStoreUnavailable("etcd: too much contention on address allocation")
 
     def release_address(self, pool_id: str, address: IPAddress) -> None:
@@ -174,6 +188,7 @@ class ScopedIpam(DefaultIpam):
             return super().release_address(pool_id, address)
         key = _addr_prefix(pool_id) + str(address)
         ok, _ = self.etcd.txn([Compare(key, "CREATE", 0, "NOT_EQUAL")], [Delete(key)])
+        self._used.pop(pool_id, None)  # read again on the next request
         if not ok:
             raise errors.AddressNotFound(str(address), pool_id)
 
