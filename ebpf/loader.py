@@ -27,7 +27,7 @@ import platform
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +58,13 @@ BTF_KIND_DATASEC = 15
 TC_HANDLE = 0xC17
 TC_PRIORITY = 0xC17
 LOG_SIZE = 1 << 20  # verifier log buffer per program
+# tcx (kernel 6.6+): the TC hooks without a qdisc or a classifier in between. cnm attaches
+# there when the kernel has them (CNM_BPF_TCX=0 keeps the clsact hook); cnm's programs on
+# a tcx hook are those whose name starts with PROGRAM_PREFIX.
+BPF_TCX_INGRESS = 46
+BPF_TCX_EGRESS = 47
+PROGRAM_PREFIX = "cnm_"
+_TCX_TYPES = {"ingress": BPF_TCX_INGRESS, "egress": BPF_TCX_EGRESS}
 
 _CDEF = """
 struct bpf_object; struct bpf_program; struct bpf_map; struct btf;
@@ -117,6 +124,11 @@ int bpf_tc_hook_create(struct bpf_tc_hook *hook);
 int bpf_tc_attach(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
 int bpf_tc_detach(const struct bpf_tc_hook *hook, const struct bpf_tc_opts *opts);
 int bpf_tc_query(const struct bpf_tc_hook *hook, struct bpf_tc_opts *opts);
+int bpf_prog_attach(int prog_fd, int attachable_fd, int type, unsigned int flags);
+int bpf_prog_detach2(int prog_fd, int attachable_fd, int type);
+int bpf_prog_query(int target_fd, int type, uint32_t query_flags, uint32_t *attach_flags,
+                   uint32_t *prog_ids, uint32_t *prog_cnt);
+int bpf_prog_get_fd_by_id(uint32_t id);
 
 int vsnprintf(char *str, size_t size, const char *format, void *ap);
 """
@@ -794,17 +806,126 @@ def _tc_args(ifindex: int, direction: str) -> tuple[Any, Any]:
     return hook, opts
 
 
+def tcx_available() -> bool:
+    """Whether cnm attaches on the tcx hooks: the kernel has them (6.6+) and CNM_BPF_TCX
+    is not "0"."""
+    global _tcx
+    if _tcx is None:
+        release = os.uname().release.split("-")[0].split(".")
+        try:
+            version = (int(release[0]), int(release[1]))
+        except (IndexError, ValueError):
+            version = (0, 0)
+        _tcx = version >= (6, 6) and os.environ.get("CNM_BPF_TCX", "1") != "0"
+    return _tcx
+
+
+_tcx: bool | None = None
+
+
+def _tcx_ids(ifindex: int, kind: int) -> list[int]:
+    """Ids of the programs on a tcx hook (this thread's namespace); [] when none."""
+    b = lib()
+    cnt = _ffi.new("uint32_t *", 64)
+    ids = _ffi.new("uint32_t[]", 64)
+    flags = _ffi.new("uint32_t *")
+    with _captured():
+        rc = b.bpf_prog_query(ifindex, kind, 0, flags, ids, cnt)
+    if rc in (-E.ENOENT, -E.ENODEV, -E.EINVAL, -E.EOPNOTSUPP):
+        return []
+    if rc < 0:
+        raise errors.AttachError("tcx query", ifindex, -rc)
+    return [int(ids[i]) for i in range(min(int(cnt[0]), 64))]
+
+
+def _cnm_programs(ids: list[int]) -> list[tuple[int, int]]:
+    """(id, fd) of cnm's programs among `ids`; the caller closes the fds."""
+    out = []
+    for prog_id in ids:
+        fd = lib().bpf_prog_get_fd_by_id(prog_id)
+        if fd < 0:
+            continue
+        try:
+            name = _obj_info(fd, 80, "program")[64:80].split(b"\0", 1)[0].decode()
+        except errors.EbpfError:
+            name = ""
+        if name.startswith(PROGRAM_PREFIX):
+            out.append((prog_id, fd))
+        else:
+            _close_fd(fd)
+    return out
+
+
+def _tcx_detach_cnm(ifindex: int, kind: int, keep: int = 0) -> bool:
+    """Take cnm's programs except the one with id `keep` off a tcx hook (this thread's
+    namespace); whether one was there."""
+    found = False
+    for prog_id, fd in _cnm_programs(_tcx_ids(ifindex, kind)):
+        try:
+            if prog_id == keep:
+                continue
+            rc = lib().bpf_prog_detach2(fd, ifindex, kind)
+            if rc < 0 and rc not in (-E.ENOENT, -E.ENODEV):
+                raise errors.AttachError("tcx detach", ifindex, -rc)
+            found = True
+        finally:
+            _close_fd(fd)
+    return found
+
+
+def tcx_attach_many(
+    prog_fd: int, ifindexes: Sequence[int], direction: str = "ingress", netns: str | None = None
+) -> list[errors.AttachError | None]:
+    """Put one program on the tcx hook of many fresh interfaces (one namespace hop; no
+    check for earlier programs: for devices made just now). Per interface None or its
+    error; a program already there is fine."""
+    if direction not in _TCX_TYPES:
+        raise errors.InvalidArgument(f"direction must be 'ingress' or 'egress', not {direction!r}")
+    kind = _TCX_TYPES[direction]
+    b = lib()
+
+    def job() -> list[errors.AttachError | None]:
+        out: list[errors.AttachError | None] = []
+        for ifindex in ifindexes:
+            with _captured():
+                rc = b.bpf_prog_attach(prog_fd, ifindex, kind, 0)
+            out.append(
+                None
+                if rc >= 0 or rc == -E.EEXIST
+                else errors.AttachError(f"tcx attach ({direction})", ifindex, -rc, netns)
+            )
+        return out
+
+    return _in_netns(netns, job)
+
+
 def tc_attach(
     program: Program, ifindex: int, direction: str = "ingress", netns: str | None = None
 ) -> None:
-    """Put `program` on the interface's clsact hook (made when missing), replacing cnm's
-    previous program there."""
+    """Put `program` on the interface's TC hook, replacing cnm's previous program there:
+    tcx when the kernel has it (tcx_available), else the clsact hook (made when
+    missing) with cnm's handle and priority."""
     hook, opts = _tc_args(ifindex, direction)
     opts.prog_fd = program.fd
     opts.flags = BPF_TC_F_REPLACE
     b = lib()
 
     def job() -> None:
+        if tcx_available():
+            kind = _TCX_TYPES[direction]
+            ours = program.id
+            _tcx_detach_cnm(ifindex, kind, keep=ours)
+            if ours in _tcx_ids(ifindex, kind):
+                return
+            with _captured():
+                rc = b.bpf_prog_attach(program.fd, ifindex, kind, 0)
+            if rc < 0:
+                raise errors.AttachError(
+                    f"tcx attach {program.name} ({direction})", ifindex, -rc, netns
+                )
+            with _captured():  # a clsact filter of an earlier cnm would run second
+                b.bpf_tc_detach(hook, opts)
+            return
         with _captured():
             rc = b.bpf_tc_hook_create(hook)
         if rc < 0 and rc != -E.EEXIST:
@@ -818,15 +939,17 @@ def tc_attach(
 
 
 def tc_detach(ifindex: int, direction: str = "ingress", netns: str | None = None) -> bool:
-    """Take cnm's program off the interface; False when none was there (or no interface)."""
+    """Take cnm's programs off the interface (tcx hook and clsact filter); False when none
+    was there (or no interface)."""
     hook, opts = _tc_args(ifindex, direction)
     b = lib()
 
     def job() -> bool:
+        found = _tcx_detach_cnm(ifindex, _TCX_TYPES[direction]) if tcx_available() else False
         with _captured():
             rc = b.bpf_tc_detach(hook, opts)
         if rc in (-E.ENOENT, -E.ENODEV, -E.EINVAL):
-            return False
+            return found
         if rc < 0:
             raise errors.AttachError(f"detach ({direction})", ifindex, -rc, netns)
         return True
@@ -835,11 +958,18 @@ def tc_detach(ifindex: int, direction: str = "ingress", netns: str | None = None
 
 
 def tc_query(ifindex: int, direction: str = "ingress", netns: str | None = None) -> int | None:
-    """The id of cnm's program on the interface, None when there is none."""
+    """The id of cnm's program on the interface (its tcx hook first, then its clsact
+    filter), None when there is none."""
     hook, opts = _tc_args(ifindex, direction)
     b = lib()
 
     def job() -> int | None:
+        if tcx_available():
+            found = _cnm_programs(_tcx_ids(ifindex, _TCX_TYPES[direction]))
+            for _, fd in found:
+                _close_fd(fd)
+            if found:
+                return found[0][0]
         with _captured():
             rc = b.bpf_tc_query(hook, opts)
         if rc in (-E.ENOENT, -E.ENODEV, -E.EINVAL):

@@ -5,7 +5,9 @@ The overlay data path when the controller's eBPF data path is in use. Owns, on t
 - the tunnel namespace (bind-mounted at run_dir/tunnel/ns), shared by every overlay
   network here: one external (collect-metadata) VXLAN device per UDP port in use
   (`vxt<port>`), made from the host namespace so its UDP socket stays on the underlay,
-  and the host end of every overlay container's veth (no bridge);
+  and the host end of every overlay container's veth, each a port of a headroom bridge
+  that is never up (`hr<k>`: it forwards nothing, it only gives the containers room for
+  the VXLAN headers, see _headroom_bridge);
 - the TunnelOwner of each port (cnm_tunnel, pinned under <pin root>/tunnel-<port>):
   cnm_tunnel_ingress on the VXLAN device, cnm_tunnel_egress on each host end, attached
   in the join's own netlink batch;
@@ -63,6 +65,8 @@ _log = logging.getLogger(__name__)
 
 NAMESPACE = "ns"
 MARKERS = "networks"
+HEADROOM = "hr"  # bridges hr0, hr1, ...: never up, never forward (see _headroom_bridge)
+HEADROOM_BRIDGES = 64  # 64 x ~1020 host ends
 
 
 def device_name(port: int) -> str:
@@ -83,6 +87,7 @@ class TunnelLinks:
         self.backend = backend
         self._owners: dict[int, Any] = {}  # port -> TunnelOwner
         self._local: dict[int, ipaddress.IPv4Address] = {}  # host-end ifindex -> address
+        self._headroom = 0  # the headroom bridge new host ends go on (the last one used)
         self._lock = threading.RLock()
 
     # --- shared pieces --------------------------------------------------------------
@@ -312,11 +317,10 @@ class TunnelLinks:
         peer made inside its sandbox, each container's map entry, and cnm_tunnel_egress
         on each host end: one veth batch, one map batch, one attach batch. Per item None
         or its error; an item that failed leaves neither device nor entry."""
-        from cnm.ebpf import loader
         from cnm.ebpf.tunnel import EGRESS, TunnelEndpoint
 
         sock = self._sock()
-        out = veths_into_sandboxes(sock, [_no_master(it) for it in items])
+        out = self._veths(sock, items)
         made = [i for i, o in enumerate(out) if o is None]
         with self._lock:
             owner = self._owners.get(dev.port) or self._owner(dev.port, dev.vxlan)
@@ -350,20 +354,7 @@ class TunnelLinks:
                         out[i] = err
                     entries = []
             if entries:
-                fd = owner.program(EGRESS).fd
-                reqs = []
-                for _, e in entries:
-                    reqs.append(rtnl.clsact(e.ifindex))
-                    reqs.append(
-                        rtnl.bpf_filter(
-                            e.ifindex, fd, EGRESS, handle=loader.TC_HANDLE, prio=loader.TC_PRIORITY
-                        )
-                    )
-                result = sock.execute(reqs)
-                for k, exc in result.errors.items():
-                    if k % 2:  # the filter's outcome is the entry's
-                        i, e = entries[k // 2]
-                        out[i] = kernel_error(exc, f"attach cnm_tunnel to {items[i].host_name}")
+                self._attach_egress(owner.program(EGRESS).fd, entries, items, out, sock)
                 for i, e in entries:
                     if out[i] is None:
                         self._local[e.ifindex] = e.address
@@ -375,6 +366,104 @@ class TunnelLinks:
                     with contextlib.suppress(NetlinkError):
                         sock.request(rtnl.link_del(name=items[i].host_name))
         return out
+
+    def _headroom_bridge(self, sock: NetlinkSocket, k: int) -> int:
+        """The ifindex of headroom bridge k, made when missing.
+
+        A frame a container sends leaves through the VXLAN device, which puts 50 bytes of
+        headers in front of it; the container's stack reserves that room only when its
+        eth0 asks for it (needed_headroom), and a veth asks for what its peer's bridge
+        tells it. So every host end is a port of a bridge that also holds a VXLAN device
+        (`hrv<k>`, never up: no socket); the bridge is never up, so its ports forward
+        nothing (cnm_tunnel runs before the bridge and takes every frame it knows; the
+        rest is dropped, as without it). Without it, every frame is copied into a bigger
+        buffer on its way out. A bridge takes ~1020 ports: the next one is made then."""
+        name = f"{HEADROOM}{k}"
+        try:
+            return sock.ifindex(name)
+        except NetlinkError:
+            pass
+        try:
+            sock.request(rtnl.bridge(name, up=False))
+            br = sock.ifindex(name)
+            source = rtnl.VxlanSpec(name=f"{HEADROOM}v{k}", vni=k + 1, master=br, up=False)
+            sock.request(rtnl.vxlan(source))
+        except NetlinkError as exc:
+            if exc.errno != errno.EEXIST:  # EEXIST: another process made it meanwhile
+                raise kernel_error(exc, f"create headroom bridge {name}") from None
+        return sock.ifindex(name)
+
+    def _veths(
+        self, sock: NetlinkSocket, items: Sequence[VethIntoSandbox]
+    ) -> list[errors.CNMError | None]:
+        """The veth pairs, host ends on the current headroom bridge (the next one for the
+        items a full bridge refused)."""
+        out: list[errors.CNMError | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        while todo:
+            k = self._headroom
+            try:
+                br = self._headroom_bridge(sock, k)
+            except errors.CNMError as exc:
+                for i in todo:
+                    out[i] = exc
+                return out
+            specs = [_on_bridge(items[i], br) for i in todo]
+            full: list[int] = []
+            for i, err in zip(todo, veths_into_sandboxes(sock, specs), strict=True):
+                if isinstance(err, errors.KernelError) and err.errno == errno.EXFULL:
+                    full.append(i)
+                else:
+                    out[i] = err
+            if full and k + 1 >= HEADROOM_BRIDGES:
+                for i in full:
+                    out[i] = errors.KernelError(
+                        errno.EXFULL,
+                        f"the BPF tunnel is full ({HEADROOM_BRIDGES} headroom bridges)",
+                        operation="join",
+                    )
+                break
+            if full:
+                self._headroom = k + 1
+            todo = full
+        return out
+
+    def _attach_egress(
+        self,
+        fd: int,
+        entries: list[tuple[int, Any]],
+        items: Sequence[VethIntoSandbox],
+        out: list[errors.CNMError | None],
+        sock: NetlinkSocket,
+    ) -> None:
+        """cnm_tunnel_egress on each new host end: its tcx hook when the kernel has one
+        (one namespace hop for all), else clsact + a direct-action filter in one netlink
+        batch. An item that fails gets its error in `out`."""
+        from cnm.ebpf import loader
+        from cnm.ebpf.tunnel import EGRESS
+
+        if loader.tcx_available():
+            try:
+                errs = loader.tcx_attach_many(fd, [e.ifindex for _, e in entries], netns=self.key)
+            except Exception as exc:
+                errs = [exc] * len(entries)  # type: ignore[list-item]
+            for (i, _), err in zip(entries, errs, strict=True):
+                if err is not None:
+                    out[i] = map_error(err, f"attach cnm_tunnel to {items[i].host_name}")
+            return
+        reqs = []
+        for _, e in entries:
+            reqs.append(rtnl.clsact(e.ifindex))
+            reqs.append(
+                rtnl.bpf_filter(
+                    e.ifindex, fd, EGRESS, handle=loader.TC_HANDLE, prio=loader.TC_PRIORITY
+                )
+            )
+        result = sock.execute(reqs)
+        for k, exc in result.errors.items():
+            if k % 2:  # the filter's outcome is the entry's
+                i, _ = entries[k // 2]
+                out[i] = kernel_error(exc, f"attach cnm_tunnel to {items[i].host_name}")
 
     def detach(self, dev: OverlayDevices, names: Sequence[str]) -> None:
         """Map entries of the host ends removed first (nothing is redirected to a dying
@@ -525,13 +614,11 @@ class TunnelLinks:
         return out
 
 
-def _no_master(item: VethIntoSandbox) -> VethIntoSandbox:
-    """The tunnel's host ends hang on no bridge, with no bridge-port settings."""
-    if not item.master and not item.hairpin and not item.isolated:
-        return item
+def _on_bridge(item: VethIntoSandbox, bridge: int) -> VethIntoSandbox:
+    """The host end on headroom bridge `bridge`, with no bridge-port settings."""
     from dataclasses import replace
 
-    return replace(item, master=0, hairpin=False, isolated=False)
+    return replace(item, master=bridge, hairpin=False, isolated=False)
 
 
 def overlay_links(

@@ -40,10 +40,11 @@ enum cnm_tunnel_counter {
 	CNM_ENCAPSULATED = 0, /* sent to a remote VTEP */
 	CNM_DECAPSULATED,     /* delivered from the tunnel to a local container */
 	CNM_LOCAL,            /* same VNI, same host: delivered directly */
-	CNM_TUN_MISS,         /* destination unknown: left to the stack */
-	CNM_TUN_NOT_IPV4,
-	CNM_TUN_UNKNOWN_SOURCE,
-	CNM_VNI_MISMATCH,     /* source and destination on different VNIs: dropped */
+	CNM_TUN_MISS,         /* destination (or ARP target) unknown: left to the stack */
+	CNM_TUN_NOT_IPV4,     /* neither IPv4 nor an ARP request it answers or counts below */
+	CNM_TUN_UNKNOWN_SOURCE, /* source (or ARP sender) not this port's endpoint */
+	CNM_VNI_MISMATCH,     /* source and destination on different VNIs: dropped (an ARP
+	                       * request across VNIs is left unanswered) */
 	CNM_TUN_FAILED,       /* a helper refused */
 	CNM_ARP_REPLIED,      /* an ARP request answered from the maps */
 	CNM_TUNNEL_COUNTERS,
@@ -78,10 +79,24 @@ const volatile __u32 cnm_verify_source = 1; /* source must belong to the ingress
 /* The kernel accepts this size since 4.x; the local_ipv4 tail came later. */
 #define CNM_TUNNEL_KEY_SIZE __builtin_offsetof(struct bpf_tunnel_key, local_ipv4)
 
-static __always_inline int cnm_deliver(struct __sk_buff *skb, struct cnm_tun_local *dst)
+/* Make `mac` the frame's destination, writing the packet only when it differs (a frame
+ * addressed from an ARP answer of this program already carries it): no helper call on
+ * the fast path. `eth` was bounds-checked by cnm_ipv4. */
+static __always_inline void cnm_set_dst(struct ethhdr *eth, const __u8 *mac)
 {
-	if (cnm_set_macs(skb, dst->mac, 0) < 0)
-		return -1;
+	__u32 hi;
+	__u16 lo;
+
+	__builtin_memcpy(&hi, mac, 4);
+	__builtin_memcpy(&lo, mac + 4, 2);
+	if (*(__u32 *)eth->h_dest == hi && *(__u16 *)(eth->h_dest + 4) == lo)
+		return;
+	__builtin_memcpy(eth->h_dest, mac, CNM_ETH_ALEN);
+}
+
+static __always_inline int cnm_deliver(struct ethhdr *eth, struct cnm_tun_local *dst)
+{
+	cnm_set_dst(eth, dst->mac);
 	return bpf_redirect_peer(dst->ifindex, 0) == TC_ACT_REDIRECT ? 0 : -1;
 }
 
@@ -207,7 +222,7 @@ int cnm_tunnel_egress(struct __sk_buff *skb)
 			CNM_COUNT(cnm_tunnel_counters, CNM_VNI_MISMATCH);
 			return TC_ACT_SHOT;
 		}
-		if (cnm_deliver(skb, local) < 0) {
+		if (cnm_deliver(eth, local) < 0) {
 			CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
 			return TC_ACT_SHOT;
 		}
@@ -224,10 +239,7 @@ int cnm_tunnel_egress(struct __sk_buff *skb)
 		CNM_COUNT(cnm_tunnel_counters, CNM_VNI_MISMATCH);
 		return TC_ACT_SHOT;
 	}
-	if (cnm_set_macs(skb, peer->mac, 0) < 0) {
-		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
-		return TC_ACT_SHOT;
-	}
+	cnm_set_dst(eth, peer->mac);
 	key.tunnel_id = peer->vni;
 	key.remote_ipv4 = bpf_ntohl(peer->vtep);
 	key.tunnel_ttl = cnm_tunnel_ttl;
@@ -267,7 +279,7 @@ int cnm_tunnel_ingress(struct __sk_buff *skb)
 		CNM_COUNT(cnm_tunnel_counters, CNM_VNI_MISMATCH);
 		return TC_ACT_SHOT;
 	}
-	if (cnm_deliver(skb, dst) < 0) {
+	if (cnm_deliver(eth, dst) < 0) {
 		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
 		return TC_ACT_SHOT;
 	}

@@ -70,10 +70,18 @@ def _pins(rig: Rig, i: int) -> str:
     return os.path.join(default_pin_root(rig.host(i).state), "tunnel-4789", "cnm_tunnel")
 
 
-def _tc_filters(key: str, dev: str) -> list[dict]:
-    from tests.kernel.oracles import tool_json
+def _program(key: str, link: dict) -> str | None:
+    """The name of cnm's program at the link's TC ingress (tcx hook or clsact filter)."""
+    from cnm.ebpf import loader
 
-    return tool_json("tc", "-j", "filter", "show", "dev", dev, "ingress", path=key)
+    prog_id = loader.tc_query(link["ifindex"], netns=key)
+    if prog_id is None:
+        return None
+    fd = loader.lib().bpf_prog_get_fd_by_id(prog_id)
+    try:
+        return loader._obj_info(fd, 80, "program")[64:80].split(b"\0", 1)[0].decode()
+    finally:
+        os.close(fd)
 
 
 def test_hosts_choose_their_data_path(rig: Rig) -> None:
@@ -100,13 +108,15 @@ def test_bpf_hosts_and_a_kernel_host_ping_each_other(rig: Rig) -> None:
     vx = links["vxt4789"]["linkinfo"]["info_data"]
     assert vx.get("external") is True and vx["port"] == 4789
     kinds = {n: link_kind(link) for n, link in links.items()}
-    assert "bridge" not in kinds.values()
     ends = [n for n, kind in kinds.items() if kind == "veth"]
     assert len(ends) == 1
-    for dev in ("vxt4789", ends[0]):
-        # (the kernel keeps 15 characters of a program's name)
-        names = [f.get("options", {}).get("bpf_name") or "" for f in _tc_filters(tkey, dev)]
-        assert any(n.startswith("cnm_tunnel_") for n in names), (dev, names)
+    # The only bridge is the headroom bridge, never up: the host end is its port, so the
+    # container reserves room for the VXLAN headers, but it forwards nothing.
+    assert [n for n, kind in kinds.items() if kind == "bridge"] == ["hr0"]
+    assert "UP" not in links["hr0"]["flags"] and links[ends[0]]["master"] == "hr0"
+    # (the kernel keeps 15 characters of a program's name)
+    assert _program(tkey, links["vxt4789"]) == "cnm_tunnel_ingr"
+    assert _program(tkey, links[ends[0]]) == "cnm_tunnel_egre"
     assert ns_link_details(key1)["eth0"]["mtu"] == 1450
     # The counters prove the program carried it, both ways, and answered ARP.
     for i in BPF_HOSTS:
@@ -181,12 +191,12 @@ def test_reconcile_repairs_programs_and_peer_entries(rig: Rig) -> None:
     end = next(n for n in ns_link_details(tkey) if n.startswith("ov"))
     # Damage behind the controller's back: the program off the host end and off the VXLAN
     # device, the peer's entry gone: host 2's container is cut off.
+    from cnm.ebpf import loader
+
+    links = ns_link_details(tkey)
     for dev in (end, "vxt4789"):
-        subprocess.run(
-            ["nsenter", f"--net={tkey}", "tc", "filter", "del", "dev", dev, "ingress"],
-            check=True,
-            capture_output=True,
-        )
+        assert loader.tc_detach(links[dev]["ifindex"], netns=tkey)
+        assert _program(tkey, links[dev]) is None
     with Map.from_pin(os.path.join(_pins(rig, 2), "cnm_tun_peers")) as peers:
         assert peers.delete(bytes(map(int, e1["ip"].split("."))))
     assert not ns_ping(k2, e1["ip"])
@@ -284,6 +294,9 @@ def test_past_the_bridge_port_limit(rig: Rig) -> None:
         assert ns_ping(keys[a], eps[b]["ip"]), (a, b)
     assert wait_for(lambda: ns_ping(keys[n - 1], far["ip"]), 10)
     assert ns_ping(k2, eps[0]["ip"])
+    # Past ~1020 host ends the next headroom bridge takes them.
+    links = ns_link_details(h1.call("tunnel_key"))
+    assert {"hr0", "hr1"} <= {n for n, link in links.items() if link_kind(link) == "bridge"}
     h1.call("leave_many", items=[[net, e["name"], f"c-{e['name']}"] for e in eps])
     h1.call("delete_endpoints", net=net, eps=[e["name"] for e in eps])
 
