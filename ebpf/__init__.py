@@ -6,7 +6,8 @@ Layout
     *.bpf.o                 built by setup.py with clang (build.py has the rules); without
                             clang the package installs and loading says "objects not built"
     loader.py               libbpf.so.1 through cffi (ABI mode): BpfObject, Map, Program,
-                            bpffs + pins, clsact attach/detach
+                            bpffs + pins, TC attach/detach/query (tcx hooks on kernels
+                            6.6+, the clsact hook otherwise; CNM_BPF_TCX=0 forces clsact)
     probe.py                what this kernel supports: probe() -> EbpfProbe(ok, reason, verdict)
     redirect.py tunnel.py   the owners of cnm_redirect.bpf.c and cnm_tunnel.bpf.c
     errors.py               typed errors (EbpfError and its subclasses)
@@ -41,8 +42,9 @@ API for the controller and drivers (ebpf="auto|on|off")
     tun.add_peer(TunnelPeer(address, remote_vtep, mac, vni)); tun.remove_peer(address)
     tun.counters()                # TunnelCounters(encapsulated, decapsulated, ...)
 
-    The containers need neighbour entries for their overlay peers (the control plane sets
-    them, e.g. through osl); the container MTU must fit the vxlan device's.
+    cnm_tunnel_egress answers the containers' ARP requests for local endpoints and peers
+    of their own VNI from the maps (no neighbour entries needed); the container MTU must
+    fit the vxlan device's.
 
 Errors (cnm.ebpf.errors, all EbpfError): ObjectsNotBuilt, LibbpfUnavailable, ObjectError,
 LoadError, VerifierError(.program, .log), MapError, PinError, AttachError, NotLoaded,

@@ -130,7 +130,9 @@ class ProgramOwner:
             if not os.path.exists(self._pin(name)):
                 continue
             m = Map.from_pin(self._pin(name))
-            if (m.key_size, m.value_size) == (key_size, value_size):
+            # A counter map pinned by an older build may hold fewer counters.
+            short = name == self.counter_map and m.max_entries < len(self.counter_names)
+            if (m.key_size, m.value_size) == (key_size, value_size) and not short:
                 out[name] = m
             else:
                 m.close()
@@ -222,7 +224,7 @@ class ProgramOwner:
         with obj.rodata_map() as config:
             for name, m in maps.items():
                 if name not in kept:  # a kept map is pinned already: its pin stays
-                    m.pin(self._pin(name))
+                    m.pin(self._pin(name))  # (replacing a pinned map of another layout)
             config.pin(self._pin(CONFIG_PIN))
         for name, p in programs.items():
             p.pin(self._pin(name))

@@ -442,6 +442,33 @@ def test_pins_are_picked_up_by_a_new_owner(lab: Lab, pin_root: str) -> None:
     assert not pin_dir.exists()
 
 
+def test_a_shorter_counter_map_of_an_older_build_is_replaced(pin_root: str) -> None:
+    """Pins of a build with fewer counters: the new owner loads anew with a counter map of
+    its own size (the endpoint map's entries are kept), instead of reusing a map whose
+    last counters would never count."""
+    from cnm.ebpf.loader import BpfObject, object_path
+    from cnm.ebpf.tunnel import COUNTERS, LOCAL
+
+    old = TunnelOwner(1, pin_root)
+    old.load()
+    old.add_endpoint(TunnelEndpoint("10.9.9.9", 7, "02:00:00:00:09:09", 4242))
+    old.close()
+    with BpfObject(object_path("cnm_tunnel")) as obj:  # the older build: 3 counters
+        obj.set_global("cnm_vxlan_ifindex", 1)
+        obj.set_max_entries(COUNTERS, 3)
+        obj.load()
+        obj.map(COUNTERS).pin(os.path.join(old.pin_dir, COUNTERS))
+    new = TunnelOwner(1, pin_root)
+    new.load()
+    assert not new.picked_up
+    assert new.map(COUNTERS).max_entries == len(TunnelOwner.counter_names)
+    assert new.counters().arp_replied == 0
+    assert [str(e.address) for e in new.endpoints()] == ["10.9.9.9"]
+    assert new.map(LOCAL).max_entries > 3
+    new.close()
+    new.unpin()
+
+
 # --- overlay tunnel ----------------------------------------------------------------------
 
 
