@@ -23,7 +23,7 @@ between VNIs are never carried; what the program does not know is dropped by the
 namespace (no forwarding, no addresses). There is no kernel path underneath: detaching
 a program stops its traffic, and sync_peers (reconcile, the agent's periodic repair)
 attaches it again. The driver-facing interface is OverlayLinks' (osl.overlay); errors:
-KernelError naming the step, VNIInUse, Conflict when a kernel-path overlay namespace
+KernelError naming the step, Conflict when a kernel-path overlay namespace
 holds the UDP port, EbpfUnavailable when the programs cannot be loaded.
 """
 
@@ -189,7 +189,10 @@ class TunnelLinks:
             for other in self.networks():
                 mark = self._marker(other)
                 if other != spec.network_id and mark is not None and mark["vni"] == spec.vni:
-                    raise errors.VNIInUse(spec.vni, other)
+                    # The global store never gives one VNI to two live networks: this
+                    # one's network was deleted while this host was away.
+                    _log.info("overlay %s: forgetting stale network %s", spec.vni, other[:12])
+                    self._forget(other)
             fresh = not netns.is_netns(self.key)
             made_device = False
             try:
@@ -264,28 +267,32 @@ class TunnelLinks:
         """Forget the network here: its map entries and marker; the namespace, devices
         and pins go with the last network."""
         with self._flock():
-            mark = self._marker(network_id)
-            if mark is not None and netns.is_netns(self.key):
-                owner = self._owners.get(mark["port"])
-                if owner is None:
-                    with contextlib.suppress(NetlinkError, errors.CNMError):
-                        vx = self._sock().ifindex(device_name(mark["port"]))
-                        owner = self._owner(mark["port"], vx)
-                if owner is not None:
-                    try:
-                        with owner.lock:
-                            for ep in owner.endpoints():
-                                if ep.vni == mark["vni"]:
-                                    owner.remove_endpoint(ep.address)
-                            for peer in owner.peers():
-                                if peer.vni == mark["vni"]:
-                                    owner.remove_peer(peer.address)
-                    except Exception as exc:
-                        raise map_error(exc, "BPF tunnel map clean-up") from exc
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.marks, network_id))
+            self._forget(network_id)
             if not self.networks():
                 self._teardown()
+
+    def _forget(self, network_id: str) -> None:
+        """The network's map entries and marker (lock held)."""
+        mark = self._marker(network_id)
+        if mark is not None and netns.is_netns(self.key):
+            owner = self._owners.get(mark["port"])
+            if owner is None:
+                with contextlib.suppress(NetlinkError, errors.CNMError):
+                    vx = self._sock().ifindex(device_name(mark["port"]))
+                    owner = self._owner(mark["port"], vx)
+            if owner is not None:
+                try:
+                    with owner.lock:
+                        for ep in owner.endpoints():
+                            if ep.vni == mark["vni"]:
+                                owner.remove_endpoint(ep.address)
+                        for peer in owner.peers():
+                            if peer.vni == mark["vni"]:
+                                owner.remove_peer(peer.address)
+                except Exception as exc:
+                    raise map_error(exc, "BPF tunnel map clean-up") from exc
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.marks, network_id))
 
     def _teardown(self) -> None:
         """The namespace (every device in it), the pins and the directory (lock held)."""
