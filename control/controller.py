@@ -1082,12 +1082,7 @@ class NetworkController:
                 self._check_ports([p.network for p in plans])
                 if new_sandboxes:
                     self._store.put_sandboxes(list(new_sandboxes.values()))
-                self._store.put_join_intents(
-                    [
-                        replace(p.endpoint, sandbox_id=p.sandbox.id, join_state="joining")
-                        for p in plans
-                    ]
-                )
+                self._store.put_join_intents([(p.endpoint.id, p.sandbox.id) for p in plans])
             created: list[SandboxRecord] = []
             joined: list[_JoinPlan] = []
             join_data: dict[str, dict[str, object]] = {}
@@ -1115,10 +1110,9 @@ class NetworkController:
                     }
                     if not gateway:
                         info = replace(info, gateway=None, gateway_ipv6=None)
-                    cfg = _interface_config(p.endpoint, info)
-                    if p.ifname is not None and info.src_name == p.ifname:
-                        cfg = replace(cfg, name=p.ifname)
-                    configs.append((p.sandbox.key, cfg))
+                    # Made under its final name: configured without a rename.
+                    final = p.ifname if info.src_name == p.ifname else None
+                    configs.append((p.sandbox.key, _interface_config(p.endpoint, info, name=final)))
                 outcomes = self._interfaces.add(configs)
                 for (p, _), outcome in zip(wanted, outcomes, strict=True):
                     if isinstance(outcome, errors.CNMError):
@@ -1136,13 +1130,9 @@ class NetworkController:
             with self._store.tx():
                 self._store.put_join_results(
                     [
-                        replace(
-                            p.endpoint,
-                            sandbox_id=p.sandbox.id,
-                            join_state="joined",
-                            driver_data=_with_join(
-                                p.endpoint.driver_data, join_data.get(p.endpoint.id)
-                            ),
+                        (
+                            p.endpoint.id,
+                            _with_join(p.endpoint.driver_data, join_data.get(p.endpoint.id)),
                         )
                         for p in plans
                     ]
@@ -1731,10 +1721,10 @@ def _join_names(endpoint_id: str, driver: str, ifname: str | None) -> list[str]:
 
 
 def _interface_config(
-    ep: EndpointRecord, info: JoinInfo, *, gateway: bool = True
+    ep: EndpointRecord, info: JoinInfo, *, gateway: bool = True, name: str | None = None
 ) -> InterfaceConfig:
     """The sandbox side of a join; `gateway=False`: no default route (the sandbox has
-    its gateway endpoint already)."""
+    its gateway endpoint already); `name`: the driver made it under its final name."""
     addresses: list[Any] = []
     if ep.ipv4_address:
         addresses.append(_ipv4_interface(ep.ipv4_address))
@@ -1756,6 +1746,7 @@ def _interface_config(
         gateway=info.gateway,
         gateway6=info.gateway_ipv6,
         routes=routes,
+        name=name,
     )
 
 

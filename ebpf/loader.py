@@ -27,7 +27,7 @@ import platform
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,9 +58,9 @@ BTF_KIND_DATASEC = 15
 TC_HANDLE = 0xC17
 TC_PRIORITY = 0xC17
 LOG_SIZE = 1 << 20  # verifier log buffer per program
-# tcx (kernel 6.6+): the TC hooks without a qdisc or a classifier in between. cnm attaches
-# there when the kernel has them (CNM_BPF_TCX=0 keeps the clsact hook); cnm's programs on
-# a tcx hook are those whose name starts with PROGRAM_PREFIX.
+# tcx (kernel 6.6+): the TC hooks without a qdisc or a classifier in between (see
+# tc_attach for when cnm uses them; CNM_BPF_TCX=0 never); cnm's programs on a tcx hook
+# are those whose name starts with PROGRAM_PREFIX.
 BPF_TCX_INGRESS = 46
 BPF_TCX_EGRESS = 47
 PROGRAM_PREFIX = "cnm_"
@@ -873,45 +873,29 @@ def _tcx_detach_cnm(ifindex: int, kind: int, keep: int = 0) -> bool:
     return found
 
 
-def tcx_attach_many(
-    prog_fd: int, ifindexes: Sequence[int], direction: str = "ingress", netns: str | None = None
-) -> list[errors.AttachError | None]:
-    """Put one program on the tcx hook of many fresh interfaces (one namespace hop; no
-    check for earlier programs: for devices made just now). Per interface None or its
-    error; a program already there is fine."""
-    if direction not in _TCX_TYPES:
-        raise errors.InvalidArgument(f"direction must be 'ingress' or 'egress', not {direction!r}")
-    kind = _TCX_TYPES[direction]
-    b = lib()
-
-    def job() -> list[errors.AttachError | None]:
-        out: list[errors.AttachError | None] = []
-        for ifindex in ifindexes:
-            with _captured():
-                rc = b.bpf_prog_attach(prog_fd, ifindex, kind, 0)
-            out.append(
-                None
-                if rc >= 0 or rc == -E.EEXIST
-                else errors.AttachError(f"tcx attach ({direction})", ifindex, -rc, netns)
-            )
-        return out
-
-    return _in_netns(netns, job)
-
-
 def tc_attach(
-    program: Program, ifindex: int, direction: str = "ingress", netns: str | None = None
+    program: Program,
+    ifindex: int,
+    direction: str = "ingress",
+    netns: str | None = None,
+    *,
+    tcx: bool = False,
 ) -> None:
     """Put `program` on the interface's TC hook, replacing cnm's previous program there:
-    tcx when the kernel has it (tcx_available), else the clsact hook (made when
-    missing) with cnm's handle and priority."""
+    the clsact hook (made when missing) with cnm's handle and priority; with tcx=True
+    the tcx hook when the kernel has it (tcx_available).
+
+    tcx runs a program without the classifier layers (cheaper per packet), but the first
+    program on a device costs an RCU grace period under the rtnl lock (~10 ms here), where
+    a clsact qdisc and filter cost ~0.15 ms: tcx suits a device attached once (the
+    tunnel's VXLAN device), clsact the container ports attached at every join."""
     hook, opts = _tc_args(ifindex, direction)
     opts.prog_fd = program.fd
     opts.flags = BPF_TC_F_REPLACE
     b = lib()
 
     def job() -> None:
-        if tcx_available():
+        if tcx and tcx_available():
             kind = _TCX_TYPES[direction]
             ours = program.id
             _tcx_detach_cnm(ifindex, kind, keep=ours)

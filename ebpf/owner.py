@@ -244,8 +244,10 @@ class ProgramOwner:
 
     # -- attach ------------------------------------------------------------------------
 
-    def _attach(self, program: str, ifindex: int, netns: str | None, direction: str) -> None:
-        loader.tc_attach(self.program(program), ifindex, direction, netns)
+    def _attach(
+        self, program: str, ifindex: int, netns: str | None, direction: str, *, tcx: bool = False
+    ) -> None:
+        loader.tc_attach(self.program(program), ifindex, direction, netns, tcx=tcx)
 
     def _attached(self, program: str, ifindex: int, netns: str | None, direction: str) -> bool:
         prog_id = loader.tc_query(ifindex, direction, netns)

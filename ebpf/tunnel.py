@@ -147,8 +147,10 @@ class TunnelOwner(ProgramOwner):
         self._attach(EGRESS, ifindex, netns, "ingress")
 
     def attach_vxlan(self, netns: str | None = None, ifindex: int | None = None) -> None:
-        """cnm_tunnel_ingress on the vxlan device (TC ingress)."""
-        self._attach(INGRESS, ifindex or self.vxlan_ifindex, netns, "ingress")
+        """cnm_tunnel_ingress on the vxlan device (TC ingress; its tcx hook where the
+        kernel has one: attached once per host, so the per-packet saving is worth the
+        attach's RCU wait, see loader.tc_attach)."""
+        self._attach(INGRESS, ifindex or self.vxlan_ifindex, netns, "ingress", tcx=True)
 
     def attached(self, ifindex: int, netns: str | None = None) -> bool:
         program = INGRESS if ifindex == self.vxlan_ifindex else EGRESS

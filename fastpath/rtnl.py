@@ -75,6 +75,12 @@ class VethSpec:
 
     `ifindex` / `peer_ifindex` (0: the kernel's choice) number the two ends. The kernel
     honours a peer index only when the host end's index is given too.
+
+    `queues`: the TX and RX queues both ends are made with (None: the kernel's default,
+    one per possible CPU allocated, of which it then keeps one in use). A veth made
+    with as many queues as it will use (1, what the default leaves in use) spares the
+    kernel cutting them down after registration, which waits for an RCU grace period
+    (synchronize_net) under the rtnl lock, once per end.
     """
 
     name: str
@@ -88,20 +94,26 @@ class VethSpec:
     peer_mac: str | None = None
     group: int | None = None
     up: bool = True
+    queues: int | None = None
+
+
+def _queues(count: int | None) -> list[Attr]:
+    if count is None:
+        return []
+    return [Attr(m.IFLA_NUM_TX_QUEUES, m.U32, count), Attr(m.IFLA_NUM_RX_QUEUES, m.U32, count)]
 
 
 def veth(spec: VethSpec) -> Message:
     if spec.peer_ifindex and not spec.ifindex:
         raise ValueError("a veth peer index is only honoured with the host end's index set")
-    peer = (
-        _ifinfo(spec.peer_ifindex),
-        _link_attrs(
-            name=spec.peer_name, mtu=spec.mtu, mac=spec.peer_mac, netns_fd=spec.peer_netns_fd
-        ),
+    peer_attrs = _link_attrs(
+        name=spec.peer_name, mtu=spec.mtu, mac=spec.peer_mac, netns_fd=spec.peer_netns_fd
     )
+    peer = (_ifinfo(spec.peer_ifindex), peer_attrs + _queues(spec.queues))
     attrs = _link_attrs(
         name=spec.name, mtu=spec.mtu, mac=spec.mac, master=spec.master, group=spec.group
     )
+    attrs += _queues(spec.queues)
     attrs.append(
         Attr(
             m.IFLA_LINKINFO,
@@ -294,11 +306,17 @@ def group_del(group: int) -> Message:
 
 def _addr(mtype: int, flags: int, index: int, iface: IPInterface, nodad: bool) -> Message:
     ip = iface.ip
-    ifa_flags = m.IFA_F_NODAD if nodad and ip.version == 6 else 0
-    header = (_family(ip.version), iface.network.prefixlen, ifa_flags, m.RT_SCOPE_UNIVERSE, index)
-    attrs = [Attr(m.IFA_LOCAL, m.BYTES, ip.packed), Attr(m.IFA_ADDRESS, m.BYTES, ip.packed)]
-    if ip.version == 4 and mtype == m.RTM_NEWADDR and iface.network.prefixlen < 31:
-        attrs.append(Attr(m.IFA_BROADCAST, m.BYTES, iface.network.broadcast_address.packed))
+    version = ip.version
+    prefixlen = iface.network.prefixlen
+    packed = ip.packed
+    ifa_flags = m.IFA_F_NODAD if nodad and version == 6 else 0
+    header = (_family(version), prefixlen, ifa_flags, m.RT_SCOPE_UNIVERSE, index)
+    attrs = [Attr(m.IFA_LOCAL, m.BYTES, packed), Attr(m.IFA_ADDRESS, m.BYTES, packed)]
+    if version == 4 and mtype == m.RTM_NEWADDR and prefixlen < 31:
+        # The subnet's broadcast address: the host bits all set (as broadcast_address,
+        # without building the network's address objects on every join).
+        broadcast = int.from_bytes(packed, "big") | (0xFFFFFFFF >> prefixlen)
+        attrs.append(Attr(m.IFA_BROADCAST, m.BYTES, broadcast.to_bytes(4, "big")))
     return Message(mtype, flags, 0, 0, header, attrs)
 
 

@@ -61,6 +61,10 @@ HOST_PREFIX = "vc"
 PEER_PREFIX = "cnm"
 HOST_NETNS = "/proc/self/ns/net"  # join_on_host: the container end stays here
 DATAPATHS = ("bridge", "routed")
+# Each veth end is made with the one TX and RX queue it uses (the kernel's default
+# allocates one per possible CPU, then cuts that down to one after registration, waiting
+# out an RCU grace period per end under the rtnl lock).
+VETH_QUEUES = 1
 
 
 @dataclass(frozen=True)
@@ -294,6 +298,7 @@ class BridgeDriver(JoinsInBulk):
                 isolated=not net.routed and not net.options.enable_icc,
                 group=net.group,
                 routed=net.routed,
+                queues=VETH_QUEUES,
             )
             for net, (_, eid, sb) in zip(nets, items, strict=True)
         ]

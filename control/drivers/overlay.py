@@ -307,6 +307,7 @@ class OverlayDriver(JoinsInBulk):
                         peer_name=peer_name(items[i][1]),
                         master=dev.bridge,
                         mtu=self._mtu(net),
+                        queues=1,  # made with the one queue it uses: no RCU wait
                     )
                     for i in idxs
                 ]

@@ -229,10 +229,10 @@ class Accelerator:
     def _attach(
         self, entries: Sequence[Any], fd: int | None = None
     ) -> list[errors.CNMError | None]:
-        """The program on each entry's host end at TC ingress: on its tcx hook when the
-        kernel has one, else as libbpf's tc attach would put it (clsact, direct action) but
-        in one netlink batch for all. Per entry None or its error. A clsact qdisc already
-        there is fine.
+        """The program on each entry's host end (TC ingress, direct action), as libbpf's
+        tc attach would put it, but in one netlink batch for all: per entry None or its
+        error. A clsact qdisc already there is fine. (Not tcx: its first program on a
+        device costs an RCU grace period under the rtnl lock, see loader.tc_attach.)
 
         Most of its cost is the kernel's: adding the clsact qdisc to a device that is up
         deactivates and reactivates the device's queues (an RCU wait), ~0.1-0.3 ms."""
@@ -241,11 +241,6 @@ class Accelerator:
 
         if fd is None:
             fd = self._owner.program(PROGRAM).fd
-        if loader.tcx_available():  # one bpf() call per port, no qdisc
-            return [
-                None if err is None else map_error(err, "attach BPF redirect")
-                for err in loader.tcx_attach_many(fd, [e.ifindex for e in entries])
-            ]
         reqs = []
         for e in entries:
             reqs.append(rtnl.clsact(e.ifindex))

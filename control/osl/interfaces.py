@@ -70,12 +70,14 @@ def _enable_ipv6(name: str) -> None:
 def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     """Inside the sandbox: name, address and route the interface; returns its name."""
     if cfg.name is not None and cfg.name == cfg.src_name:
-        # Made under its final name (down): only its index is needed. MAC and MTU go in
-        # the message that brings it up (the kernel applies them before the flags), so
-        # the batch has as many messages as the floor's: addresses, up, routes.
+        # Made under its final name (down): only its index is needed. The MAC goes in
+        # the message that brings it up (the kernel applies it before the flags), so
+        # the batch has as many messages as the floor's: addresses, up, routes. An MTU
+        # comes first (an IPv6 address needs the MTU it will live with).
         idx = sock.ifindex(cfg.name)
-        reqs = [rtnl.addr_add(idx, a) for a in cfg.addresses]
-        reqs.append(rtnl.link_set(idx, up=True, mac=cfg.mac, mtu=cfg.mtu))
+        reqs = [rtnl.link_set(idx, mtu=cfg.mtu)] if cfg.mtu is not None else []
+        reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
+        reqs.append(rtnl.link_set(idx, up=True, mac=cfg.mac))
         _add_routes(reqs, idx, cfg)
         sock.execute(reqs).raise_first()
         return cfg.name

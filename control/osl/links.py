@@ -41,6 +41,9 @@ class VethIntoSandbox:
     isolated: bool = False
     group: int | None = None  # the host end's interface group (routed networks' firewall key)
     routed: bool = False  # host end not on a bridge: forwarding and proxy ARP on (see veths)
+    # TX/RX queues of both ends (None: the kernel's default; 1: what the default leaves
+    # in use, made so at once: no RCU wait at creation, see rtnl.VethSpec)
+    queues: int | None = None
 
 
 class HostLinks:
@@ -188,6 +191,7 @@ def veths_into_sandboxes(
                     mtu=it.mtu,
                     group=it.group,
                     up=True,
+                    queues=it.queues,
                 )
             )
         )

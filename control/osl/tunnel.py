@@ -443,21 +443,12 @@ class TunnelLinks:
         out: list[errors.CNMError | None],
         sock: NetlinkSocket,
     ) -> None:
-        """cnm_tunnel_egress on each new host end: its tcx hook when the kernel has one
-        (one namespace hop for all), else clsact + a direct-action filter in one netlink
-        batch. An item that fails gets its error in `out`."""
+        """cnm_tunnel_egress on each new host end: clsact + a direct-action filter, one
+        netlink batch for all (not tcx: see loader.tc_attach). An item that fails gets its
+        error in `out`."""
         from cnm.ebpf import loader
         from cnm.ebpf.tunnel import EGRESS
 
-        if loader.tcx_available():
-            try:
-                errs = loader.tcx_attach_many(fd, [e.ifindex for _, e in entries], netns=self.key)
-            except Exception as exc:
-                errs = [exc] * len(entries)  # type: ignore[list-item]
-            for (i, _), err in zip(entries, errs, strict=True):
-                if err is not None:
-                    out[i] = map_error(err, f"attach cnm_tunnel to {items[i].host_name}")
-            return
         reqs = []
         for _, e in entries:
             reqs.append(rtnl.clsact(e.ifindex))

@@ -466,21 +466,21 @@ class SQLiteStore:
     # sandbox, indexed, only in the intent) dirties fewer pages than an upsert of the row,
     # and the WAL commit writes fewer frames.
 
-    def put_join_intents(self, recs: list[EndpointRecord]) -> None:
-        """Record the sandbox and join state of existing endpoints (a join's intent)."""
+    def put_join_intents(self, joins: list[tuple[str, str]]) -> None:
+        """Mark existing endpoints (id, sandbox id) "joining" that sandbox: a join's intent."""
         with self.tx():
             self.executemany(
-                "UPDATE endpoints SET sandbox_id=?, join_state=?, owner=? WHERE id=?",
-                [(r.sandbox_id, r.join_state, self.owner, r.id) for r in recs],
+                "UPDATE endpoints SET sandbox_id=?, join_state='joining', owner=? WHERE id=?",
+                [(sandbox_id, self.owner, eid) for eid, sandbox_id in joins],
             )
 
-    def put_join_results(self, recs: list[EndpointRecord]) -> None:
-        """Record the join state and driver data of existing endpoints whose sandbox the
-        intent wrote already (a join's confirmation)."""
+    def put_join_results(self, joins: list[tuple[str, dict[str, object]]]) -> None:
+        """Mark existing endpoints (id, driver data) "joined" the sandbox their intent
+        recorded, with the driver data the join set up: a join's confirmation."""
         with self.tx():
             self.executemany(
-                "UPDATE endpoints SET join_state=?, driver_data=?, owner=? WHERE id=?",
-                [(r.join_state, _json(r.driver_data), self.owner, r.id) for r in recs],
+                "UPDATE endpoints SET join_state='joined', driver_data=?, owner=? WHERE id=?",
+                [(_json(data), self.owner, eid) for eid, data in joins],
             )
 
     def delete_endpoints(self, endpoint_ids: list[str]) -> None:

@@ -1,0 +1,60 @@
+"""How a bridge join makes its veth pair, judged with `ip -d -j link` from outside cnm.
+
+Both ends are made with the one TX and one RX queue a veth uses (the kernel's default
+allocates one per possible CPU and cuts the number in use down to one after
+registration, waiting out an RCU grace period per end); the container end carries the
+endpoint's MAC, the host end is a hairpin bridge port. A failed join leaves no device.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cnm.control import IPAMConfig, NetworkController, errors
+from cnm.control.drivers.bridge import host_name
+
+from .oracles import bridge_ports, links_here, ns_link_details
+
+pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
+
+
+def test_join_makes_each_veth_end_with_one_queue(ctl: NetworkController) -> None:
+    net = ctl.create_network("q1", ipv4=[IPAMConfig(subnet="10.97.0.0/24")])
+    eps = net.create_endpoints(["a", "b"])
+    sbs = [ctl.create_sandbox(f"q1-{i}") for i in range(2)]
+    try:
+        for ep, sb in zip(eps, sbs, strict=True):
+            ep.join(sb)
+        here = links_here()
+        ports = bridge_ports()
+        for ep, sb in zip(eps, sbs, strict=True):
+            host = here[host_name(ep.id)]
+            assert (host["num_tx_queues"], host["num_rx_queues"]) == (1, 1)
+            assert "UP" in host["flags"]
+            assert ports[host_name(ep.id)]["hairpin"] is True
+            peer = ns_link_details(sb.key)["eth0"]
+            assert (peer["num_tx_queues"], peer["num_rx_queues"]) == (1, 1)
+            assert peer["address"] == ep.mac_address
+            assert "UP" in peer["flags"]
+    finally:
+        ctl.leave_many(list(zip(eps, sbs, strict=True)))
+        ctl.delete_endpoints(eps)
+        for sb in sbs:
+            sb.delete()
+        net.delete()
+
+
+def test_join_into_a_vanished_sandbox_leaves_no_veth(ctl: NetworkController) -> None:
+    net = ctl.create_network("q2", ipv4=[IPAMConfig(subnet="10.97.1.0/24")])
+    ep = net.create_endpoint("a")
+    sb = ctl.create_sandbox("q2-0")
+    before = set(links_here())
+    ctl.namespaces.delete(sb.key)  # behind cnm's back: the join cannot reach it
+    try:
+        with pytest.raises(errors.CNMError):
+            ep.join(sb)
+        assert set(links_here()) == before
+        assert ep.refresh().to_dict()["join_state"] == ""
+    finally:
+        ctl.delete_endpoints([ep])
+        net.delete()
