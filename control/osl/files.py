@@ -22,7 +22,11 @@ def sandbox_dir(run_dir: str, sandbox_id: str) -> str:
     return os.path.join(run_dir, "sandboxes", sandbox_id)
 
 
-def _write(path: str, text: str, *, unless_same: bool = False) -> None:
+def _write(path: str, text: str, *, unless_same: bool = False, fresh: bool = False) -> None:
+    if fresh:  # in a directory made just now: nobody can be reading it yet
+        with open(path, "w") as f:
+            f.write(text)
+        return
     if unless_same:
         # Reading is far cheaper than an atomic rewrite (a new inode and a rename).
         with contextlib.suppress(OSError), open(path) as f:
@@ -34,9 +38,21 @@ def _write(path: str, text: str, *, unless_same: bool = False) -> None:
     os.replace(tmp, path)
 
 
+_nameservers: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
+
+
 def _host_nameservers(path: str = HOST_RESOLV_CONF) -> list[str]:
-    """The host's nameservers a container can use (loopback ones cannot be reached)."""
-    out = []
+    """The host's nameservers a container can use (loopback ones cannot be reached); read
+    again only when the file changed (inode, size, mtime)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _nameservers.get(path)
+    if cached is not None and cached[0] == stamp:
+        return list(cached[1])
+    out: list[str] = []
     with contextlib.suppress(OSError), open(path) as f:
         for line in f:
             parts = line.split()
@@ -44,7 +60,8 @@ def _host_nameservers(path: str = HOST_RESOLV_CONF) -> list[str]:
                 with contextlib.suppress(ValueError):
                     if not ipaddress.ip_address(parts[1]).is_loopback:
                         out.append(parts[1])
-    return out
+    _nameservers[path] = (stamp, out)
+    return list(out)
 
 
 def write_files(
@@ -59,24 +76,31 @@ def write_files(
 ) -> str:
     """Write the sandbox's files (hosts every time); returns their directory."""
     d = sandbox_dir(run_dir, sandbox_id)
-    os.makedirs(d, mode=0o755, exist_ok=True)
+    try:
+        os.mkdir(d, 0o755)
+        fresh = True
+    except FileExistsError:
+        fresh = False
+    except FileNotFoundError:
+        os.makedirs(d, mode=0o755, exist_ok=True)
+        fresh = True
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     if hostname:
         hosts += [f"{a.ip}\t{hostname}" for a in addresses]
     for entry in extra_hosts:
         name, _, ip = entry.partition(":")
         hosts.append(f"{ip}\t{name}")
-    _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n", unless_same=True)
+    _write(os.path.join(d, "hosts"), "\n".join(hosts) + "\n", unless_same=True, fresh=fresh)
     # resolv.conf and hostname follow the sandbox's options, which never change: written
     # once; hosts follows the addresses, rewritten every time.
     resolv_path = os.path.join(d, "resolv.conf")
-    if not os.path.exists(resolv_path):
+    if fresh or not os.path.exists(resolv_path):
         servers = list(dns) or _host_nameservers()
         resolv = [f"nameserver {s}" for s in servers]
         if dns_search:
             resolv.append("search " + " ".join(dns_search))
-        _write(resolv_path, "\n".join(resolv) + ("\n" if resolv else ""))
-        _write(os.path.join(d, "hostname"), (hostname or sandbox_id[:12]) + "\n")
+        _write(resolv_path, "\n".join(resolv) + ("\n" if resolv else ""), fresh=fresh)
+        _write(os.path.join(d, "hostname"), (hostname or sandbox_id[:12]) + "\n", fresh=fresh)
     return d
 
 
