@@ -114,6 +114,31 @@ class PeerChanges:
         return len(self.fdb_add) + len(self.fdb_del) + len(self.neigh_add) + len(self.neigh_del)
 
 
+def vxlan_into(key: str, spec: rtnl.VxlanSpec, backend: str | None = None) -> None:
+    """A VXLAN device made from the host namespace straight inside the namespace at `key`,
+    so its UDP socket stays on the underlay (NetlinkError when the kernel refuses)."""
+    from dataclasses import replace
+
+    fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        socket_for(None, backend=backend).request(rtnl.vxlan(replace(spec, netns_fd=fd)))
+    finally:
+        os.close(fd)
+
+
+def delete_host_ends(sock: NetlinkSocket, names: Sequence[str], what: str) -> None:
+    """Containers' host ends (and so their pairs) deleted with one group delete: one RCU
+    wait for all; a name already gone is not an error, another refusal raises KernelError."""
+    if not names:
+        return
+    reqs = [rtnl.link_set_by_name(n, up=False, group=DETACH_GROUP) for n in names]
+    reqs.append(rtnl.group_del(DETACH_GROUP))
+    result = sock.execute(reqs)
+    failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
+    if failed:
+        raise kernel_error(failed[min(failed)], what)
+
+
 class OverlayLinks:
     """The kernel side of this host's overlay networks, under run_dir/overlay.
 
@@ -175,25 +200,20 @@ class OverlayLinks:
             reqs = [rtnl.addr_add(br, g) for g in spec.gateways]
             reqs.append(rtnl.link_set(br, up=True))
             sock.execute(reqs).raise_first()
-            fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                socket_for(None, backend=self.backend).request(
-                    rtnl.vxlan(
-                        rtnl.VxlanSpec(
-                            name=VXLAN,
-                            vni=spec.vni,
-                            local=spec.vtep,
-                            port=spec.port,
-                            learning=False,
-                            proxy=True,
-                            mtu=spec.mtu,
-                            netns_fd=fd,
-                            up=False,
-                        )
-                    )
-                )
-            finally:
-                os.close(fd)
+            vxlan_into(
+                key,
+                rtnl.VxlanSpec(
+                    name=VXLAN,
+                    vni=spec.vni,
+                    local=spec.vtep,
+                    port=spec.port,
+                    learning=False,
+                    proxy=True,
+                    mtu=spec.mtu,
+                    up=False,
+                ),
+                self.backend,
+            )
             vx = records.link_record(sock.get(rtnl.link_get(VXLAN))).index
             sock.request(rtnl.link_set(vx, master=br, up=True))
             return OverlayDevices(key, br, vx)
@@ -236,15 +256,7 @@ class OverlayLinks:
 
     def detach(self, dev: OverlayDevices, names: Sequence[str]) -> None:
         """Delete host ends (and so their pairs) with one group delete: one RCU wait."""
-        if not names:
-            return
-        reqs = [rtnl.link_set_by_name(n, up=False, group=DETACH_GROUP) for n in names]
-        reqs.append(rtnl.group_del(DETACH_GROUP))
-        result = self._sock(dev.key).execute(reqs)
-        failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
-        if failed:
-            k = min(failed)
-            raise kernel_error(failed[k], "detach from overlay bridge")
+        delete_host_ends(self._sock(dev.key), names, "detach from overlay bridge")
 
     # --- remote peers ---------------------------------------------------------------
 

@@ -48,7 +48,6 @@ from .accel import Accelerator, map_error
 from .links import VethIntoSandbox, veths_into_sandboxes
 from .namespace import _disable_ipv6_by_default, kernel_error
 from .overlay import (
-    DETACH_GROUP,
     Address,
     Fdb,
     Fix,
@@ -58,7 +57,9 @@ from .overlay import (
     OverlayLinks,
     OverlaySpec,
     PeerEntry,
+    delete_host_ends,
     underlay_mtu,
+    vxlan_into,
 )
 
 _log = logging.getLogger(__name__)
@@ -234,21 +235,19 @@ class TunnelLinks:
             if link.mtu is not None and link.mtu < spec.mtu:
                 sock.request(rtnl.link_set(vx, mtu=spec.mtu))
             return vx, False
-        fd = os.open(self.key, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            socket_for(None, backend=self.backend).request(
-                rtnl.vxlan(
-                    rtnl.VxlanSpec(
-                        name=name,
-                        local=spec.vtep,
-                        port=spec.port,
-                        external=True,
-                        learning=False,
-                        mtu=spec.mtu,
-                        netns_fd=fd,
-                        up=True,
-                    )
-                )
+            vxlan_into(
+                self.key,
+                rtnl.VxlanSpec(
+                    name=name,
+                    local=spec.vtep,
+                    port=spec.port,
+                    external=True,
+                    learning=False,
+                    mtu=spec.mtu,
+                    up=True,
+                ),
+                self.backend,
             )
         except NetlinkError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
@@ -259,8 +258,6 @@ class TunnelLinks:
                     "network's containers on this host first"
                 ) from None
             raise kernel_error(exc, f"create VXLAN device {name}") from None
-        finally:
-            os.close(fd)
         return sock.ifindex(name), True
 
     def remove(self, network_id: str) -> None:
@@ -483,13 +480,7 @@ class TunnelLinks:
                             owner.remove_endpoint(addr)
                 except Exception as exc:
                     raise map_error(exc, "BPF tunnel endpoint map delete") from exc
-        reqs = [rtnl.link_set_by_name(n, up=False, group=DETACH_GROUP) for n in names]
-        reqs.append(rtnl.group_del(DETACH_GROUP))
-        result = sock.execute(reqs)
-        failed = {k: e for k, e in result.errors.items() if e.errno != errno.ENODEV}
-        if failed:
-            k = min(failed)
-            raise kernel_error(failed[k], "detach from the BPF tunnel")
+        delete_host_ends(sock, names, "detach from the BPF tunnel")
 
     def _addresses(self, owner: Any, indexes: Sequence[int]) -> list[ipaddress.IPv4Address]:
         """The map's addresses of these host ends: from this process's cache when the map

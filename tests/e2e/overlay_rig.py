@@ -121,6 +121,7 @@ class Rig:
         self.env = env or {}
         self.host_env = host_env or {}  # host number -> its own additions to env
         self.count = hosts
+        self._networks = 0  # networks made through new_network
         self._made: list[str] = []
         self._underlay = False
 
@@ -189,6 +190,21 @@ class Rig:
 
     def host(self, i: int) -> HostProc:
         return self.hosts[i - 1]
+
+    def new_network(self, prefix: str = "ov", **kw: Any) -> str:
+        """A new overlay network made on host 1 (visible on every host); its name."""
+        self._networks += 1
+        name = f"{prefix}{self._networks}"
+        self.host(1).call("create_network", name=name, **kw)
+        return name
+
+    def join(self, i: int, net: str, ep: str) -> tuple[str, dict]:
+        """Endpoint `ep` created and joined (container c-<ep>) on host i: (sandbox key,
+        endpoint)."""
+        h = self.host(i)
+        [info] = h.call("create_endpoints", net=net, names=[ep])
+        [key] = h.call("join_many", items=[[net, ep, f"c-{ep}"]])
+        return key, info
 
     def vtep(self, i: int) -> str:
         return f"{SUBNET}.{i}"

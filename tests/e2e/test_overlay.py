@@ -7,7 +7,6 @@ link` inside each network's namespace, etcd itself.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,6 @@ pytestmark = [
     pytest.mark.privileged,
     pytest.mark.skipif(not etcd_available(), reason="etcd-server is not installed"),
 ]
-
-_names = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +35,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 def _net(rig: Rig, **kw: object) -> str:
-    name = f"ov{next(_names)}"
-    rig.host(1).call("create_network", name=name, **kw)
-    return name
+    return rig.new_network("ov", **kw)
 
 
 def _join(rig: Rig, i: int, net: str, ep: str) -> tuple[str, dict]:
-    """Endpoint `ep` created and joined on host i; (sandbox key, endpoint)."""
-    h = rig.host(i)
-    [info] = h.call("create_endpoints", net=net, names=[ep])
-    [key] = h.call("join_many", items=[[net, ep, f"c-{ep}"]])
-    return key, info
+    return rig.join(i, net, ep)
 
 
 def _fdb(rig: Rig, i: int, net: str) -> set[tuple[str, str]]:

@@ -11,7 +11,6 @@ pinned maps read with the loader, the programs' counters.
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not etcd_available(), reason="etcd-server is not installed"),
 ]
 
-_names = itertools.count(1)
 BPF_HOSTS = (1, 2)
 KERNEL_HOST = 3
 
@@ -54,16 +52,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 def _net(rig: Rig, **kw: object) -> str:
-    name = f"bo{next(_names)}"
-    rig.host(1).call("create_network", name=name, **kw)
-    return name
+    return rig.new_network("bo", **kw)
 
 
 def _join(rig: Rig, i: int, net: str, ep: str) -> tuple[str, dict]:
-    h = rig.host(i)
-    [info] = h.call("create_endpoints", net=net, names=[ep])
-    [key] = h.call("join_many", items=[[net, ep, f"c-{ep}"]])
-    return key, info
+    return rig.join(i, net, ep)
 
 
 def _pins(rig: Rig, i: int) -> str:
