@@ -12,27 +12,13 @@ import pytest
 from cnm.control.store import SCHEMA_VERSION, SQLiteStore
 from cnm.control.store import sqlite as sqlite_mod
 from cnm.control.types import EndpointRecord, NetworkRecord
+from tests.unit.test_store import _net_record
 
 NET_A, NET_B = "a" * 64, "c" * 64
 
 
 def _net(net_id: str, name: str) -> NetworkRecord:
-    return NetworkRecord(
-        id=net_id,
-        name=name,
-        driver="null",
-        scope="local",
-        ipam_driver="default",
-        enable_ipv6=False,
-        internal=False,
-        options={},
-        labels={},
-        ipam_options={},
-        ipv4=(),
-        ipv6=(),
-        state="ready",
-        created=1.0,
-    )
+    return _net_record(name, net_id)
 
 
 def _ep(net_id: str, n: int, join_state: str = "") -> EndpointRecord:
