@@ -407,4 +407,6 @@ class OverlayDriver(JoinsInBulk):
             if nid not in known:
                 self.forget_network(nid)
                 repairs.append(Repair("stray_overlay_removed", nid))
+        with self._lock:
+            repairs += [Repair(kind, what) for kind, what in self.links.prune()]
         return repairs

@@ -13,6 +13,7 @@ fast path; no process is spawned.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -227,13 +228,22 @@ class OverlayLinks:
             raise
 
     def remove(self, network_id: str) -> None:
-        """Delete the network's namespace; every device in it goes with it."""
+        """Delete the network's namespace; every device in it goes with it. vxlan0 first,
+        by itself: a namespace's devices die later, in the kernel's clean-up work, and
+        until then its UDP socket (on the underlay) would refuse a new device its VNI."""
         key = self.key(network_id)
+        if netns.is_netns(key):
+            with contextlib.suppress(NetlinkError, OSError):
+                self._sock(key).request(rtnl.link_del(name=VXLAN))
         forget(key)
         try:
             netns.delete(key)
         except OSError as exc:
             raise kernel_error(exc, f"delete overlay namespace {key}") from None
+
+    def prune(self) -> list[Fix]:
+        """Nothing outlives its network on the kernel path (see networks())."""
+        return []
 
     def networks(self) -> list[str]:
         """Ids of the overlay namespaces present on this host."""

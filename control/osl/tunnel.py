@@ -291,6 +291,17 @@ class TunnelLinks:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.marks, network_id))
 
+    def prune(self) -> list[Fix]:
+        """Remove a tunnel namespace (and its pins) that no network holds any more, as a
+        crash between forgetting the last network and the teardown leaves it."""
+        if not netns.is_netns(self.key) or self.networks():
+            return []
+        with self._flock():
+            if not netns.is_netns(self.key) or self.networks():
+                return []
+            self._teardown()
+        return [("tunnel_namespace_removed", self.key)]
+
     def _teardown(self) -> None:
         """The namespace (every device in it), the pins and the directory (lock held)."""
         for owner in self._owners.values():
@@ -300,6 +311,23 @@ class TunnelLinks:
                 os.rmdir(owner.pin_root)
         self._owners.clear()
         self._local.clear()
+        # Pins of ports this process never loaded (another process made them).
+        for entry in _listdir(self.pin_root):
+            if entry.startswith("tunnel-"):
+                with contextlib.suppress(Exception):
+                    from cnm.ebpf import loader
+
+                    loader.unpin_dir(os.path.join(self.pin_root, entry, "cnm_tunnel"))
+                    os.rmdir(os.path.join(self.pin_root, entry))
+        if netns.is_netns(self.key):
+            # The VXLAN devices first, by themselves: a namespace's devices die later, in
+            # the kernel's clean-up work, and until then their UDP sockets (on the
+            # underlay) would refuse the next tunnel its port.
+            with contextlib.suppress(NetlinkError, OSError):
+                sock = self._sock()
+                for link in map(records.link_record, sock.dump(rtnl.dump_links())):
+                    if link.name and link.name.startswith("vxt"):
+                        sock.request(rtnl.link_del(link.index))
         forget(self.key)
         if netns.is_netns(self.key):
             try:
@@ -601,6 +629,13 @@ class TunnelLinks:
                     for name, value in owner.counter_values().items():
                         out[name] = out.get(name, 0) + int(value)
         return out
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
 
 
 def _on_bridge(item: VethIntoSandbox, bridge: int) -> VethIntoSandbox:
