@@ -38,10 +38,10 @@ from pathlib import Path
 
 import pytest
 
-from cnm.ebpf import probe
 from cnm.ebpf.redirect import RedirectEndpoint, RedirectOwner
 from cnm.ebpf.tunnel import TunnelEndpoint, TunnelOwner, TunnelPeer
 from cnm.fastpath import netns
+from tests.bpf_gate import require_bpf
 
 from .bench_common import build_c, settle
 
@@ -291,10 +291,7 @@ def _ifindex_here(name: str) -> int:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    result = probe.probe(("cnm_redirect",))
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    assert result.ok, result.reason
+    require_bpf(("cnm_redirect",))
     p = Pair(tmp_path)
     try:
         yield p
@@ -424,10 +421,7 @@ def test_small_udp_rate(benchmark, pair: Pair, flood_binary: str) -> None:
 
 @pytest.fixture
 def overlay(tmp_path: Path) -> Iterator[Overlay]:
-    result = probe.probe(("cnm_tunnel",))
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    assert result.ok, result.reason
+    require_bpf(("cnm_tunnel",))
     o = Overlay(tmp_path, headroom_bridge=os.environ.get("CNM_BENCH_TUNNEL_HEADROOM") != "0")
     try:
         yield o

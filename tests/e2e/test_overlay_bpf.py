@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cnm.control.osl.accel import default_pin_root
+from tests.bpf_gate import require_bpf
 from tests.e2e.overlay_rig import RemoteError, Rig, etcd_available, wait_for
 from tests.kernel.oracles import link_kind, ns_link_details, ns_neighbours, ns_ping
 
@@ -33,12 +34,7 @@ KERNEL_HOST = 3
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    from cnm.ebpf import probe
-
-    result = probe.probe(("cnm_tunnel", "cnm_redirect"))
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    assert result.ok, result.reason
+    require_bpf(("cnm_tunnel", "cnm_redirect"))
     r = Rig(
         Path(tmp_path_factory.mktemp("overlay-bpf")),
         hosts=3,

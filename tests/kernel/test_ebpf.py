@@ -27,18 +27,14 @@ from cnm.ebpf import build, errors, loader, probe
 from cnm.ebpf.redirect import RedirectEndpoint, RedirectOwner
 from cnm.ebpf.tunnel import TunnelEndpoint, TunnelOwner, TunnelPeer
 from cnm.fastpath import netns
+from tests.bpf_gate import require_bpf
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def bpf_ready() -> probe.EbpfProbe:
-    result = probe.probe()
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    if not result.ok:
-        pytest.fail(f"the BPF data path should work on kernel {result.kernel}: {result.reason}")
-    return result
+    return require_bpf()
 
 
 def _run(*argv: str, ns: str | os.PathLike[str] | None = None, check: bool = True):

@@ -27,6 +27,7 @@ from cnm.control.drivers.bridge import host_name
 from cnm.control.osl.ping import ping
 from cnm.ebpf import build, loader, probe
 from cnm.ebpf.redirect import RedirectEndpoint, RedirectOwner
+from tests.bpf_gate import require_bpf
 
 from .oracles import ns_ping
 from .test_bridge import remove_everything
@@ -42,12 +43,7 @@ ROUTED_CONTAINERS = int(os.environ.get("CNM_ROUTED_CONTAINERS", "4096"))
 
 @pytest.fixture(scope="module", autouse=True)
 def bpf_ready() -> probe.EbpfProbe:
-    result = probe.probe(("cnm_redirect",))
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    if not result.ok:
-        pytest.fail(f"the BPF data path should work on kernel {result.kernel}: {result.reason}")
-    return result
+    return require_bpf(("cnm_redirect",))
 
 
 def _controller(dirs: tuple[str, str], ebpf: str) -> Iterator[NetworkController]:

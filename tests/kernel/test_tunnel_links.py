@@ -15,6 +15,7 @@ import pytest
 from cnm.control.osl.overlay import OverlaySpec
 from cnm.control.osl.tunnel import TunnelLinks
 from cnm.fastpath import netns
+from tests.bpf_gate import require_bpf
 from tests.kernel.oracles import ns_link_details
 
 pytestmark = pytest.mark.privileged
@@ -24,12 +25,7 @@ PORT = 4799  # not the default: the session's namespace may hold 4789 elsewhere
 
 @pytest.fixture
 def links(tmp_path: Path) -> Iterator[TunnelLinks]:
-    from cnm.ebpf import probe
-
-    result = probe.probe(("cnm_tunnel",))
-    if result.verdict == "skip":
-        pytest.skip(f"the kernel predates a BPF feature: {result.reason}")
-    assert result.ok, result.reason
+    require_bpf(("cnm_tunnel",))
     pin_root = f"/sys/fs/bpf/cnm-test-{uuid.uuid4().hex[:8]}"
     t = TunnelLinks(str(tmp_path / "run"), pin_root)
     yield t
