@@ -151,7 +151,12 @@ class Overlay:
       UDP socket stays there, and the container's host end on br0;
     - cnm_tunnel's (osl.tunnel): a tunnel namespace holding one external VXLAN device
       (made the same way) and the container's host end, with cnm_tunnel_egress on the
-      host end and cnm_tunnel_ingress on the VXLAN device; the program answers ARP.
+      host end and cnm_tunnel_ingress on the VXLAN device; the program answers ARP. And
+      its RX accelerator (on unless CNM_BENCH_TUNNEL_DECAP=0; osl.tunnel makes it when a
+      host device holds the VTEP address): the uplink pair (vxu in the host namespace,
+      vxi in the tunnel namespace) with cnm_tunnel_uplink on vxi, and cnm_tunnel_decap
+      on the host's underlay device u0, attached only while the BPF variant runs, so the
+      kernel variant's frames never meet it.
 
     Both VXLAN devices send the outer UDP checksum the same way (zero, RFC 7348), so the
     wire format is the same and only the data path differs. `use_bpf` selects which pair
@@ -167,7 +172,9 @@ class Overlay:
 
     VNI = 4242
 
-    def __init__(self, root: Path, *, headroom_bridge: bool = True) -> None:
+    def __init__(
+        self, root: Path, *, headroom_bridge: bool = True, accelerator: bool = True
+    ) -> None:
         self.tag = uuid.uuid4().hex[:5]
         self.hosts = [str(root / "h1"), str(root / "h2")]  # the underlay
         self.kernel_ns = [str(root / "k1"), str(root / "k2")]  # osl.overlay's namespace
@@ -214,6 +221,19 @@ class Overlay:
                 self._container(tns, self.bpf_paths[k], k, "hr0" if headroom_bridge else None)
             )
             self.ports.append(netns.run_in(tns, lambda: _ifindex_here("vh")))
+            if accelerator:  # the uplink pair: host end vxu, tunnel end vxi
+                _run(*f"ip link add vxu type veth peer name vxi netns {tns}".split(), ns=host)
+                _run("sysctl", "-qw", "net.ipv6.conf.vxu.disable_ipv6=1", ns=host)
+                _run("ip", "link", "set", "vxu", "up", ns=host)
+                _run("ip", "link", "set", "vxi", "up", ns=tns)
+        self.accelerator = accelerator
+        self.underlay = [netns.run_in(h, lambda: _ifindex_here("u0")) for h in self.hosts]
+        self.uplinks, self.uplink_ends = [0, 0], [0, 0]
+        if accelerator:  # the uplink pairs: host namespace end vxu, tunnel namespace end vxi
+            self.uplinks = [netns.run_in(h, lambda: _ifindex_here("vxu")) for h in self.hosts]
+            self.uplink_ends = [
+                netns.run_in(t, lambda: _ifindex_here("vxi")) for t in self.tunnel_ns
+            ]
         self.owners: list[TunnelOwner] = []
         for k, tns in enumerate(self.tunnel_ns):
             there = 1 - k
@@ -232,6 +252,9 @@ class Overlay:
                 TunnelEndpoint(self.addresses[k], self.ports[k], bpf_macs[k], self.VNI)
             )
             owner.add_peer(TunnelPeer(addr, underlay[there], bpf_macs[there], self.VNI))
+            if accelerator:  # (the device map takes the index in the host's namespace)
+                uplink = (underlay[k], self.uplinks[k], self.underlay[k])
+                netns.run_in(self.hosts[k], lambda u=uplink, o=owner: o.set_uplink(*u))
             self.owners.append(owner)
         self._warm(self.kernel_paths)
 
@@ -253,19 +276,32 @@ class Overlay:
             _run(*ping.split(), ns=paths[k])
 
     def use_bpf(self, on: bool) -> None:
-        for owner, tns, port in zip(self.owners, self.tunnel_ns, self.ports, strict=True):
+        for k, (owner, tns, port) in enumerate(
+            zip(self.owners, self.tunnel_ns, self.ports, strict=True)
+        ):
+            host = self.hosts[k]
             if on:
                 owner.attach_vxlan(netns=tns)
                 owner.attach_endpoint(port, netns=tns)
+                if self.accelerator:
+                    owner.attach_uplink(self.uplink_ends[k], netns=tns)
+                    owner.attach_decap(self.underlay[k], netns=host)
             else:
                 owner.detach(port, netns=tns)
                 owner.detach(owner.vxlan_ifindex, netns=tns)
+                if self.accelerator:
+                    owner.detach_decap(self.underlay[k], netns=host)
+                    owner.detach(self.uplink_ends[k], netns=tns)
         self.paths = self.bpf_paths if on else self.kernel_paths
         if on:
             self._warm(self.bpf_paths)
 
     def carried(self) -> int:
         return sum(o.counters().encapsulated for o in self.owners)
+
+    def accelerated(self) -> int:
+        """Frames the RX accelerator (cnm_tunnel_decap) carried so far."""
+        return sum(o.counters().decap_fast for o in self.owners)
 
     def bridge_netfilter(self) -> bool:
         """Whether the kernel path's bridge hands IPv4 frames to netfilter (br_netfilter
@@ -422,7 +458,11 @@ def test_small_udp_rate(benchmark, pair: Pair, flood_binary: str) -> None:
 @pytest.fixture
 def overlay(tmp_path: Path) -> Iterator[Overlay]:
     require_bpf(("cnm_tunnel",))
-    o = Overlay(tmp_path, headroom_bridge=os.environ.get("CNM_BENCH_TUNNEL_HEADROOM") != "0")
+    o = Overlay(
+        tmp_path,
+        headroom_bridge=os.environ.get("CNM_BENCH_TUNNEL_HEADROOM") != "0",
+        accelerator=os.environ.get("CNM_BENCH_TUNNEL_DECAP") != "0",
+    )
     try:
         yield o
     finally:
@@ -436,8 +476,13 @@ def test_overlay_small_udp_rate(benchmark, overlay: Overlay, flood_binary: str) 
         variant = "bpf" if overlay.paths is overlay.bpf_paths else "kernel"
         return _udp_pps(overlay, flood_binary, nap_us=NAP_US, pin=True, per_cpu=per_cpu[variant])
 
+    accelerated = overlay.accelerated()
     kernel, bpf, seen = _compare(overlay, measure)
     assert seen["redirected"] > 0, "the BPF variant did not go through the tunnel program"
+    if overlay.accelerator:
+        moved = overlay.accelerated() - accelerated
+        assert moved > 0, "the RX accelerator (cnm_tunnel_decap) carried nothing"
+        benchmark.extra_info["overlay_decap_fast"] = moved
     assert kernel > 0, "the kernel's overlay carried nothing"
     _report(benchmark, "overlay_udp64", "pkt/s", kernel, bpf)
     if per_cpu["kernel"] and per_cpu["bpf"]:

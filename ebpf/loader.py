@@ -790,7 +790,7 @@ def _in_netns(netns_path: str | None, fn: Callable[[], T]) -> T:
     return netns.run_in(netns_path, fn)
 
 
-def _tc_args(ifindex: int, direction: str) -> tuple[Any, Any]:
+def _tc_args(ifindex: int, direction: str, priority: int = TC_PRIORITY) -> tuple[Any, Any]:
     if not isinstance(ifindex, int) or isinstance(ifindex, bool) or ifindex <= 0:
         raise errors.InvalidArgument(f"ifindex must be a positive integer, not {ifindex!r}")
     if direction not in _DIRECTIONS:
@@ -801,8 +801,10 @@ def _tc_args(ifindex: int, direction: str) -> tuple[Any, Any]:
     hook.attach_point = _DIRECTIONS[direction]
     opts = _ffi.new("struct bpf_tc_opts *")
     opts.sz = _ffi.sizeof("struct bpf_tc_opts")
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 < priority < 2**16:
+        raise errors.InvalidArgument(f"priority must be an integer in 1..65535, not {priority!r}")
     opts.handle = TC_HANDLE
-    opts.priority = TC_PRIORITY
+    opts.priority = priority
     return hook, opts
 
 
@@ -856,13 +858,32 @@ def _cnm_programs(ids: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _tcx_detach_cnm(ifindex: int, kind: int, keep: int = 0) -> bool:
+def _prog_map_ids(fd: int) -> set[int]:
+    """Ids of the maps the program behind fd uses (bpf_prog_info.map_ids)."""
+    ids = _ffi.new("uint32_t[]", 64)
+    buf = _ffi.new("char[]", 80)
+    _ffi.cast("uint32_t *", buf + 52)[0] = 64  # nr_map_ids
+    _ffi.cast("uint64_t *", buf + 56)[0] = int(_ffi.cast("uintptr_t", ids))  # map_ids
+    n = _ffi.new("uint32_t *", 80)
+    rc = lib().bpf_obj_get_info_by_fd(fd, buf, n)
+    if rc < 0:
+        raise errors.EbpfError("cannot read the maps of a program", errno=-rc)
+    count = min(int(_ffi.cast("uint32_t *", buf + 52)[0]), 64)
+    return {int(ids[i]) for i in range(count)}
+
+
+def _tcx_detach_cnm(
+    ifindex: int, kind: int, keep: int = 0, related: set[int] | None = None
+) -> bool:
     """Take cnm's programs except the one with id `keep` off a tcx hook (this thread's
-    namespace); whether one was there."""
+    namespace); with `related` (map ids) only those using one of these maps. Whether one
+    was there."""
     found = False
     for prog_id, fd in _cnm_programs(_tcx_ids(ifindex, kind)):
         try:
             if prog_id == keep:
+                continue
+            if related is not None and not (_prog_map_ids(fd) & related):
                 continue
             rc = lib().bpf_prog_detach2(fd, ifindex, kind)
             if rc < 0 and rc not in (-E.ENOENT, -E.ENODEV):
@@ -880,16 +901,22 @@ def tc_attach(
     netns: str | None = None,
     *,
     tcx: bool = False,
+    shared: bool = False,
+    priority: int = TC_PRIORITY,
 ) -> None:
     """Put `program` on the interface's TC hook, replacing cnm's previous program there:
-    the clsact hook (made when missing) with cnm's handle and priority; with tcx=True
+    the clsact hook (made when missing) with cnm's handle and `priority`; with tcx=True
     the tcx hook when the kernel has it (tcx_available).
+
+    shared=True (a hook several of cnm's owners use, each with its own maps): on tcx,
+    only cnm's programs that use one of `program`'s maps (earlier loads of the same
+    owner) are replaced, the others stay; on clsact each owner gives its own priority.
 
     tcx runs a program without the classifier layers (cheaper per packet), but the first
     program on a device costs an RCU grace period under the rtnl lock (~10 ms here), where
     a clsact qdisc and filter cost ~0.15 ms: tcx suits a device attached once (the
     tunnel's VXLAN device), clsact the container ports attached at every join."""
-    hook, opts = _tc_args(ifindex, direction)
+    hook, opts = _tc_args(ifindex, direction, priority)
     opts.prog_fd = program.fd
     opts.flags = BPF_TC_F_REPLACE
     b = lib()
@@ -898,7 +925,8 @@ def tc_attach(
         if tcx and tcx_available():
             kind = _TCX_TYPES[direction]
             ours = program.id
-            _tcx_detach_cnm(ifindex, kind, keep=ours)
+            related = _prog_map_ids(program.fd) if shared else None
+            _tcx_detach_cnm(ifindex, kind, keep=ours, related=related)
             if ours in _tcx_ids(ifindex, kind):
                 return
             with _captured():
@@ -922,14 +950,24 @@ def tc_attach(
     _in_netns(netns, job)
 
 
-def tc_detach(ifindex: int, direction: str = "ingress", netns: str | None = None) -> bool:
+def tc_detach(
+    ifindex: int,
+    direction: str = "ingress",
+    netns: str | None = None,
+    *,
+    shared_with: Program | None = None,
+    priority: int = TC_PRIORITY,
+) -> bool:
     """Take cnm's programs off the interface (tcx hook and clsact filter); False when none
-    was there (or no interface)."""
-    hook, opts = _tc_args(ifindex, direction)
+    was there (or no interface). shared_with (a hook shared by owners, see tc_attach):
+    only the programs using one of its maps, and the clsact filter at `priority`."""
+    hook, opts = _tc_args(ifindex, direction, priority)
     b = lib()
 
     def job() -> bool:
-        found = _tcx_detach_cnm(ifindex, _TCX_TYPES[direction]) if tcx_available() else False
+        related = _prog_map_ids(shared_with.fd) if shared_with is not None else None
+        kind = _TCX_TYPES[direction]
+        found = _tcx_detach_cnm(ifindex, kind, related=related) if tcx_available() else False
         with _captured():
             rc = b.bpf_tc_detach(hook, opts)
         if rc in (-E.ENOENT, -E.ENODEV, -E.EINVAL):
@@ -937,6 +975,34 @@ def tc_detach(ifindex: int, direction: str = "ingress", netns: str | None = None
         if rc < 0:
             raise errors.AttachError(f"detach ({direction})", ifindex, -rc, netns)
         return True
+
+    return _in_netns(netns, job)
+
+
+def tc_attached(
+    program: Program,
+    ifindex: int,
+    direction: str = "ingress",
+    netns: str | None = None,
+    *,
+    priority: int = TC_PRIORITY,
+) -> bool:
+    """Whether `program` runs on the interface's hook: among the tcx hook's programs, or
+    cnm's clsact filter at `priority`."""
+    hook, opts = _tc_args(ifindex, direction, priority)
+    ours = program.id
+    b = lib()
+
+    def job() -> bool:
+        if tcx_available() and ours in _tcx_ids(ifindex, _TCX_TYPES[direction]):
+            return True
+        with _captured():
+            rc = b.bpf_tc_query(hook, opts)
+        if rc in (-E.ENOENT, -E.ENODEV, -E.EINVAL):
+            return False
+        if rc < 0:
+            raise errors.AttachError(f"query ({direction})", ifindex, -rc, netns)
+        return int(opts.prog_id) == ours
 
     return _in_netns(netns, job)
 

@@ -14,17 +14,28 @@ The overlay data path when the controller's eBPF data path is in use. Owns, on t
 - the map entries: each local container (address -> host end, MAC, VNI), written at
   join and removed at leave, and each remote peer (address -> VTEP, MAC, VNI), fed by
   the same peer records as the kernel path's FDB (program_peers, sync_peers);
-- a marker per network (run_dir/tunnel/networks/<id>: its VNI and port).
+- a marker per network (run_dir/tunnel/networks/<id>: its VNI, port and VTEP address);
+- the port's RX accelerator, when a host device holds the VTEP address: the uplink veth
+  pair (`vxu<port>` in the host namespace, `vxi<port>` in the tunnel namespace, both up,
+  no addresses), cnm_tunnel_uplink on vxi and cnm_tunnel_decap on that host device
+  (tcx beside other programs; clsact at the port's priority otherwise), which decapsulate
+  the frames cnm_tunnel_ingress would deliver before the host's stack sees them and put
+  them into their containers through the pair. Everything else (and everything, when no
+  device holds the address: logged) takes the VXLAN device's path, so detaching the
+  accelerator or deleting the pair changes only speed (the pair's end is held in a
+  device map the kernel empties when it goes). It skips the host's netfilter for the
+  frames it takes, which come only from known peers' VTEPs.
 
 A frame from a container to a peer gets its tunnel key from the map and goes straight to
 the VXLAN device; a decapsulated frame goes straight into its container
 (bpf_redirect_peer); the program answers the containers' ARP from the maps. Frames
 between VNIs are never carried; what the program does not know is dropped by the
 namespace (no forwarding, no addresses). There is no kernel path underneath: detaching
-a program stops its traffic, and sync_peers (reconcile, the agent's periodic repair)
-attaches it again. The driver-facing interface is OverlayLinks' (osl.overlay); errors:
-KernelError naming the step, Conflict when a kernel-path overlay namespace
-holds the UDP port, EbpfUnavailable when the programs cannot be loaded.
+a program stops its traffic (cnm_tunnel_decap excepted: only speed), and sync_peers
+(reconcile, the agent's periodic repair) attaches it again and remakes a missing uplink.
+The driver-facing interface is OverlayLinks' (osl.overlay); errors: KernelError naming
+the step, Conflict when a kernel-path overlay namespace holds the UDP port,
+EbpfUnavailable when the programs cannot be loaded.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -70,8 +82,17 @@ HEADROOM = "hr"  # bridges hr0, hr1, ...: never up, never forward (see _headroom
 HEADROOM_BRIDGES = 64  # 64 x ~1020 host ends
 
 
+UPLINK = "vxu"  # vxu<port>: the RX accelerator's uplink pair, host-namespace end
+UPLINK_PEER = "vxi"  # vxi<port>: its tunnel-namespace end
+
+
 def device_name(port: int) -> str:
     return f"vxt{port}"
+
+
+def uplink_names(port: int) -> tuple[str, str]:
+    """The names of the port's uplink pair: (host-namespace end, tunnel-namespace end)."""
+    return f"{UPLINK}{port}", f"{UPLINK_PEER}{port}"
 
 
 class TunnelLinks:
@@ -123,7 +144,7 @@ class TunnelLinks:
         try:
             from cnm.ebpf.tunnel import TunnelOwner
 
-            owner = TunnelOwner(vxlan, os.path.join(self.pin_root, f"tunnel-{port}"))
+            owner = TunnelOwner(vxlan, os.path.join(self.pin_root, f"tunnel-{port}"), port=port)
             owner.load()
             if fresh:  # a new namespace: no host end of an earlier one is left
                 with owner.lock:
@@ -146,13 +167,33 @@ class TunnelLinks:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _write_marker(self, network_id: str, vni: int, port: int) -> None:
+    def _write_marker(
+        self, network_id: str, vni: int, port: int, vtep: IPAddress | None = None
+    ) -> None:
         os.makedirs(self.marks, mode=0o755, exist_ok=True)
         path = os.path.join(self.marks, network_id)
         tmp = f"{path}.tmp"
+        data: dict[str, Any] = {"vni": vni, "port": port}
+        if vtep is not None:
+            data["vtep"] = str(vtep)
         with open(tmp, "w") as f:
-            json.dump({"vni": vni, "port": port}, f)
+            json.dump(data, f)
         os.replace(tmp, path)
+
+    def _port_vtep(self, port: int, owner: Any) -> ipaddress.IPv4Address | None:
+        """The local VTEP address of the port's networks (their markers; else the one the
+        accelerator was set up with), None when unknown or not IPv4."""
+        for network_id in self.networks():
+            try:
+                with open(os.path.join(self.marks, network_id)) as f:
+                    data = json.load(f)
+                if int(data["port"]) == port and "vtep" in data:
+                    vtep = ipaddress.ip_address(data["vtep"])
+                    return vtep if isinstance(vtep, ipaddress.IPv4Address) else None
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        config = owner.uplink()
+        return config.vtep if config is not None else None
 
     def underlay_mtu(self, vtep: IPAddress) -> int:
         return underlay_mtu(vtep, self.backend)
@@ -206,7 +247,9 @@ class TunnelLinks:
                 owner = self._owner(spec.port, vx, fresh=fresh or made_device)
                 if not owner.attached(vx, netns=self.key):
                     owner.attach_vxlan(netns=self.key, ifindex=vx)
-                self._write_marker(spec.network_id, spec.vni, spec.port)
+                self._write_marker(spec.network_id, spec.vni, spec.port, spec.vtep)
+                vtep = spec.vtep if isinstance(spec.vtep, ipaddress.IPv4Address) else None
+                self._accelerate(owner, spec.port, vtep, quiet=False)
             except BaseException as exc:
                 if fresh or not self.networks():
                     self._teardown()
@@ -303,7 +346,11 @@ class TunnelLinks:
         return [("tunnel_namespace_removed", self.key)]
 
     def _teardown(self) -> None:
-        """The namespace (every device in it), the pins and the directory (lock held)."""
+        """The namespace (every device in it), the accelerators, the pins and the
+        directory (lock held)."""
+        for entry in _listdir(self.pin_root):
+            if entry.startswith("tunnel-") and entry.removeprefix("tunnel-").isdigit():
+                self._decelerate(int(entry.removeprefix("tunnel-")))
         for owner in self._owners.values():
             with contextlib.suppress(Exception):
                 owner.close()
@@ -336,6 +383,119 @@ class TunnelLinks:
                 raise kernel_error(exc, f"delete tunnel namespace {self.key}") from None
         with contextlib.suppress(OSError):
             os.rmdir(self.marks)
+
+    # --- the RX accelerator ---------------------------------------------------------
+
+    def _accelerate(
+        self, owner: Any, port: int, vtep: ipaddress.IPv4Address | None, *, quiet: bool = True
+    ) -> list[Fix]:
+        """The port's RX accelerator, made or repaired (see the module doc): the uplink
+        pair, cnm_tunnel_uplink on its tunnel end, the accelerator's configuration and
+        cnm_tunnel_decap on the host device holding `vtep`. Returns what it fixed. It is
+        only speed: when no host device holds the address, or a step fails, it is left
+        out (logged) and the VXLAN device's path carries everything. Lock held."""
+        try:
+            return self._accelerate_now(owner, port, vtep, quiet)
+        except Exception as exc:  # the VXLAN device's path still carries everything
+            _log.warning("overlay port %s: no RX accelerator: %s", port, exc)
+            return []
+
+    def _accelerate_now(
+        self, owner: Any, port: int, vtep: ipaddress.IPv4Address | None, quiet: bool
+    ) -> list[Fix]:
+        fixes: list[Fix] = []
+        host = socket_for(None, backend=self.backend)
+        config = owner.uplink()
+        device = _address_holder(host, vtep) if vtep is not None else None
+        if device is None:
+            if config is not None:  # the address left its device: off until it is back
+                self._decelerate(port, owner)
+            log = _log.debug if quiet else _log.info
+            log("overlay port %s: no host device holds VTEP %s: no RX accelerator", port, vtep)
+            return fixes
+        assert vtep is not None
+        index, name = device
+        host_end, tunnel_end = uplink_names(port)
+        sock = self._sock()
+        up, peer = _ifindex(host, host_end), _ifindex(sock, tunnel_end)
+        if not (up and peer):
+            with contextlib.suppress(NetlinkError):  # half a pair: made again whole
+                if up:
+                    host.request(rtnl.link_del(up))
+                if peer:
+                    sock.request(rtnl.link_del(peer))
+            mtu = records.link_record(host.get(rtnl.link_get(name))).mtu or 1500
+            up, peer = self._uplink_pair(host, port, mtu)
+            fixes.append(("tunnel_uplink_made", host_end))
+        if not owner.uplink_attached(peer, netns=self.key):
+            owner.attach_uplink(peer, netns=self.key)
+            if not fixes:
+                fixes.append(("tunnel_program_reattached", tunnel_end))
+        if config is not None and config.device and config.device != index:
+            with contextlib.suppress(Exception):  # the address moved to another device
+                owner.detach_decap(config.device)
+        if config is None or (config.vtep, config.uplink, config.device) != (vtep, up, index):
+            owner.set_uplink(vtep, up, index)
+        if not owner.decap_attached(index):
+            owner.attach_decap(index)
+            fixes.append(("tunnel_program_reattached", name))
+        return fixes
+
+    def _uplink_pair(self, host: NetlinkSocket, port: int, mtu: int) -> tuple[int, int]:
+        """The port's uplink veth pair made (host end here, peer in the tunnel
+        namespace), IPv6 off on the host end, both up: (host end, peer) indexes."""
+        host_end, tunnel_end = uplink_names(port)
+        fd = os.open(self.key, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            spec = rtnl.VethSpec(
+                name=host_end, peer_name=tunnel_end, peer_netns_fd=fd, mtu=mtu, up=False, queues=1
+            )
+            host.request(rtnl.veth(spec))
+        finally:
+            os.close(fd)
+        try:
+            path = f"/proc/sys/net/ipv6/conf/{host_end}/disable_ipv6"
+            with contextlib.suppress(FileNotFoundError), open(path, "w") as f:
+                f.write("1")
+            up = host.ifindex(host_end)
+            host.request(rtnl.link_set(up, up=True))
+            sock = self._sock()
+            peer = sock.ifindex(tunnel_end)
+            sock.request(rtnl.link_set(peer, up=True))
+        except BaseException:
+            with contextlib.suppress(NetlinkError):
+                host.request(rtnl.link_del(name=host_end))
+            raise
+        return up, peer
+
+    def _decelerate(self, port: int, owner: Any | None = None) -> None:
+        """The port's accelerator taken away: cnm_tunnel_decap off its host device, the
+        configuration cleared and the uplink pair deleted (lock held; best effort)."""
+        from cnm.ebpf import loader
+        from cnm.ebpf.tunnel import DECAP, pinned_uplink
+
+        owner = owner or self._owners.get(port)
+        program, config = None, None
+        with contextlib.suppress(Exception):
+            if owner is not None and owner.loaded:
+                program, config = owner.programs.get(DECAP), owner.uplink()
+            else:
+                pins = os.path.join(self.pin_root, f"tunnel-{port}", "cnm_tunnel")
+                program, config = pinned_uplink(pins)
+        try:
+            if program is not None and config is not None and config.device:
+                with contextlib.suppress(Exception):
+                    loader.tc_detach(config.device, shared_with=program, priority=port)
+            if owner is not None and owner.loaded:
+                with contextlib.suppress(Exception):
+                    owner.clear_uplink()
+        finally:
+            if program is not None and (owner is None or not owner.loaded):
+                program.close()
+        with contextlib.suppress(NetlinkError, OSError):
+            socket_for(None, backend=self.backend).request(
+                rtnl.link_del(name=uplink_names(port)[0])
+            )
 
     # --- containers -----------------------------------------------------------------
 
@@ -592,6 +752,7 @@ class TunnelLinks:
         if not owner.attached(dev.vxlan, netns=self.key):
             owner.attach_vxlan(netns=self.key, ifindex=dev.vxlan)
             fixes.append(("tunnel_program_reattached", device_name(dev.port)))
+        fixes += self._accelerate(owner, dev.port, self._port_vtep(dev.port, owner))
         present = {
             link.index for link in map(records.link_record, self._sock().dump(rtnl.dump_links()))
         }
@@ -629,6 +790,27 @@ class TunnelLinks:
                     for name, value in owner.counter_values().items():
                         out[name] = out.get(name, 0) + int(value)
         return out
+
+
+def _ifindex(sock: NetlinkSocket, name: str) -> int:
+    """The index of link `name` in the socket's namespace, 0 when there is none."""
+    try:
+        return sock.ifindex(name)
+    except NetlinkError:
+        return 0
+
+
+def _address_holder(host: NetlinkSocket, address: IPAddress) -> tuple[int, str] | None:
+    """(index, name) of the host device holding `address`, None when none does (one
+    dump of the IPv4 addresses: no link dump on hosts with thousands of links)."""
+    addrs = map(records.addr_record, host.dump(rtnl.dump_addrs(socket.AF_INET)))
+    index = next((a.index for a in addrs if a.address.ip == address), None)
+    if index is None:
+        return None
+    try:
+        return index, socket.if_indextoname(index)  # (the caller's namespace: the host's)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def _listdir(path: str) -> list[str]:

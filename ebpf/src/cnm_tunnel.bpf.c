@@ -8,6 +8,15 @@
  * that container's namespace with bpf_redirect_peer. Frames between different VNIs are
  * never carried.
  *
+ * cnm_tunnel_decap (the RX accelerator) runs at TC ingress of the host device holding the
+ * local VTEP address: a VXLAN frame the kernel would surely accept and that
+ * cnm_tunnel_ingress would deliver (from a known peer's VTEP, to a local container of its
+ * VNI) is decapsulated right there and sent with bpf_redirect_peer through the port's
+ * uplink veth pair into the tunnel namespace, where cnm_tunnel_uplink (TC ingress of the
+ * pair's tunnel end) puts it into its container. Everything else passes on untouched
+ * (TC_ACT_UNSPEC: the next program, then the stack and the vxlan device): without the
+ * accelerator the same frames take the vxlan device's path, only slower.
+ *
  * There is no bridge, so cnm_tunnel_egress also answers ARP: a request from a known local
  * container for an address of its VNI (a local container or a remote peer) is turned into
  * the reply in place and sent back out of the port it came in on. Every other ARP frame
@@ -47,6 +56,7 @@ enum cnm_tunnel_counter {
 	                       * request across VNIs is left unanswered) */
 	CNM_TUN_FAILED,       /* a helper refused */
 	CNM_ARP_REPLIED,      /* an ARP request answered from the maps */
+	CNM_DECAP_FAST,       /* decapsulated at the underlay and delivered (the accelerator) */
 	CNM_TUNNEL_COUNTERS,
 };
 
@@ -71,8 +81,32 @@ struct {
 	__type(value, __u64);
 } cnm_tunnel_counters SEC(".maps");
 
+/* The accelerator's configuration (mirrored in tunnel.py, struct "<4sI"), set with the
+ * uplink pair; vtep 0 turns cnm_tunnel_decap off. */
+struct cnm_tun_decap {
+	__u32 vtep;   /* the local VTEP address, IPv4, network byte order */
+	__u32 device; /* the host device cnm_tunnel_decap is on (the owner's note) */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cnm_tun_decap);
+} cnm_tun_decap SEC(".maps");
+
+/* The uplink pair's host-namespace end (entry 0). A device map: the kernel drops the
+ * entry when the device goes, and cnm_tunnel_decap then passes every frame on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_DEVMAP);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32); /* ifindex */
+} cnm_tun_uplink SEC(".maps");
+
 /* Load-time configuration (set by the owner before load). */
 const volatile __u32 cnm_vxlan_ifindex = 0; /* the external vxlan device */
+const volatile __u32 cnm_vxlan_port = 4789; /* its UDP port (cnm_tunnel_decap) */
 const volatile __u8 cnm_tunnel_ttl = 64;    /* outer TTL */
 const volatile __u32 cnm_verify_source = 1; /* source must belong to the ingress port */
 
@@ -284,6 +318,153 @@ int cnm_tunnel_ingress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	CNM_COUNT(cnm_tunnel_counters, CNM_DECAPSULATED);
+	return TC_ACT_REDIRECT;
+}
+
+/* The headers cnm_tunnel_decap reads, outer Ethernet to inner IPv4 (no IP options). */
+struct cnm_vxlan_frame {
+	struct ethhdr eth;
+	struct iphdr ip;
+	__be16 sport;
+	__be16 dport;
+	__be16 ulen;
+	__sum16 check;
+	__be32 vx_flags;
+	__be32 vx_vni;
+	struct ethhdr inner_eth;
+	struct iphdr inner_ip;
+} __attribute__((packed));
+
+#define CNM_VXLAN_OUTER (sizeof(struct iphdr) + 8 + 8 + sizeof(struct ethhdr))
+#define CNM_VXLAN_I_FLAG 0x08000000
+#define CNM_IP_CE 3
+#define CNM_IP_MF_OFFSET 0x3fff /* more fragments, fragment offset */
+#define CNM_PACKET_HOST 0
+#define CNM_IPPROTO_UDP 17 /* linux/in.h pulls in libc headers */
+
+/* The outer IPv4 header checksum holds (ip_rcv drops the frame otherwise). */
+static __always_inline int cnm_ip_csum_ok(void *ip)
+{
+	__s64 sum = bpf_csum_diff(0, 0, ip, sizeof(struct iphdr), 0);
+
+	if (sum < 0)
+		return 0;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+SEC("tc")
+int cnm_tunnel_decap(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct cnm_vxlan_frame *f = data;
+	struct cnm_tun_decap *cfg;
+	__u32 *uplink_dev;
+	struct cnm_tun_local *dst;
+	struct cnm_tun_peer *peer;
+	struct ethhdr *eth;
+	__u8 src_mac[CNM_ETH_ALEN];
+	__u32 zero = 0, vni, daddr, saddr, uplink;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type != CNM_PACKET_HOST ||
+	    skb->vlan_present || skb->gso_size)
+		return TC_ACT_UNSPEC;
+	if ((void *)(f + 1) > data_end) {
+		if (skb->len < sizeof(*f) || bpf_skb_pull_data(skb, sizeof(*f)) < 0)
+			return TC_ACT_UNSPEC;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		f = data;
+		if ((void *)(f + 1) > data_end)
+			return TC_ACT_UNSPEC;
+	}
+	/* The outer headers, as the stack and the vxlan device would take them. */
+	if (f->eth.h_proto != bpf_htons(ETH_P_IP) || f->ip.version != 4 || f->ip.ihl != 5 ||
+	    f->ip.protocol != CNM_IPPROTO_UDP || (f->ip.frag_off & bpf_htons(CNM_IP_MF_OFFSET)) ||
+	    (f->ip.tos & CNM_IP_CE) == CNM_IP_CE)
+		return TC_ACT_UNSPEC;
+	if (f->dport != bpf_htons(cnm_vxlan_port) || f->check != 0 ||
+	    f->vx_flags != bpf_htonl(CNM_VXLAN_I_FLAG) || (f->vx_vni & bpf_htonl(0xff)))
+		return TC_ACT_UNSPEC;
+	if (bpf_ntohs(f->ip.tot_len) != skb->len - sizeof(struct ethhdr) ||
+	    bpf_ntohs(f->ulen) != skb->len - sizeof(struct ethhdr) - sizeof(struct iphdr))
+		return TC_ACT_UNSPEC;
+	cfg = bpf_map_lookup_elem(&cnm_tun_decap, &zero);
+	if (!cfg || !cfg->vtep || f->ip.daddr != cfg->vtep)
+		return TC_ACT_UNSPEC;
+	/* The inner frame: IPv4 from a known peer behind this VTEP to a local container,
+	 * all of the frame's VNI. */
+	if (f->inner_eth.h_proto != bpf_htons(ETH_P_IP) || f->inner_ip.version != 4)
+		return TC_ACT_UNSPEC;
+	vni = bpf_ntohl(f->vx_vni) >> 8;
+	daddr = f->inner_ip.daddr;
+	saddr = f->inner_ip.saddr;
+	dst = bpf_map_lookup_elem(&cnm_tun_local, &daddr);
+	if (!dst || dst->vni != vni)
+		return TC_ACT_UNSPEC;
+	peer = bpf_map_lookup_elem(&cnm_tun_peers, &saddr);
+	if (!peer || peer->vni != vni || peer->vtep != f->ip.saddr)
+		return TC_ACT_UNSPEC;
+	if (!cnm_ip_csum_ok((void *)f + sizeof(struct ethhdr)))
+		return TC_ACT_UNSPEC;
+	uplink_dev = bpf_map_lookup_elem(&cnm_tun_uplink, &zero);
+	if (!uplink_dev)
+		return TC_ACT_UNSPEC;
+	uplink = *uplink_dev;
+	__builtin_memcpy(src_mac, f->inner_eth.h_source, CNM_ETH_ALEN);
+
+	/* Off with outer IPv4, UDP, VXLAN and the inner Ethernet header; the outer Ethernet
+	 * header stays and becomes the inner one. The checksum state follows the kernel's
+	 * decapsulation: one verified level (the outer UDP) less. */
+	if (bpf_skb_adjust_room(skb, -(__s32)CNM_VXLAN_OUTER, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_NO_CSUM_RESET) < 0) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	bpf_csum_level(skb, BPF_CSUM_LEVEL_DEC);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memcpy(eth->h_dest, dst->mac, CNM_ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src_mac, CNM_ETH_ALEN);
+	if (bpf_redirect_peer(uplink, 0) != TC_ACT_REDIRECT) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
+		return TC_ACT_SHOT;
+	}
+	CNM_COUNT(cnm_tunnel_counters, CNM_DECAP_FAST);
+	return TC_ACT_REDIRECT;
+}
+
+/* The second half of the accelerator: a frame cnm_tunnel_decap sent through the uplink
+ * pair goes into its container (the endpoint may have left in between: dropped). */
+SEC("tc")
+int cnm_tunnel_uplink(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = 0;
+	struct iphdr *ip = cnm_ipv4(skb, &eth);
+	struct cnm_tun_local *dst;
+	__u32 daddr;
+
+	if (!ip) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_NOT_IPV4);
+		return TC_ACT_SHOT;
+	}
+	daddr = ip->daddr;
+	dst = bpf_map_lookup_elem(&cnm_tun_local, &daddr);
+	if (!dst) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_MISS);
+		return TC_ACT_SHOT;
+	}
+	if (cnm_deliver(eth, dst) < 0) {
+		CNM_COUNT(cnm_tunnel_counters, CNM_TUN_FAILED);
+		return TC_ACT_SHOT;
+	}
 	return TC_ACT_REDIRECT;
 }
 

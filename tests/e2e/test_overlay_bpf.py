@@ -6,7 +6,8 @@ network), all on one VXLAN wire format.
 Three hosts (tests/e2e/overlay_rig.py): 1 and 2 with ebpf="on", 3 with ebpf="off".
 Independent oracles: `ping` from inside the sandboxes (no static neighbour anywhere: the
 program answers ARP), `ip -d link` and `tc filter` inside the tunnel namespace, the
-pinned maps read with the loader, the programs' counters.
+pinned maps read with the loader, the programs' counters (decap_fast: the RX accelerator
+at the receiving host's underlay device carried the frame).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def test_bpf_hosts_and_a_kernel_host_ping_each_other(rig: Rig) -> None:
     vx = links["vxt4789"]["linkinfo"]["info_data"]
     assert vx.get("external") is True and vx["port"] == 4789
     kinds = {n: link_kind(link) for n, link in links.items()}
-    ends = [n for n, kind in kinds.items() if kind == "veth"]
-    assert len(ends) == 1
+    ends = [n for n, kind in kinds.items() if kind == "veth" and n != "vxi4789"]
+    assert len(ends) == 1  # (vxi4789: the RX accelerator's uplink end)
     # The only bridge is the headroom bridge, never up: the host end is its port, so the
     # container reserves room for the VXLAN headers, but it forwards nothing.
     assert [n for n, kind in kinds.items() if kind == "bridge"] == ["hr0"]
@@ -130,6 +131,13 @@ def test_a_network_on_another_udp_port(rig: Rig) -> None:
     links = ns_link_details(rig.host(1).call("tunnel_key"))
     assert links["vxt4790"]["linkinfo"]["info_data"]["port"] == 4790
     assert links["vxt4790"]["linkinfo"]["info_data"].get("external") is True
+    # Each port has its own RX accelerator, side by side on the underlay device.
+    from cnm.control.osl.tunnel import pinned_tunnel_counters
+
+    assert "vxu4790" in ns_link_details(rig.host(1).netns)
+    for i in BPF_HOSTS:
+        counters = pinned_tunnel_counters(default_pin_root(rig.host(i).state)) or {}
+        assert counters["4790"]["decap_fast"] > 0, (i, counters)
 
 
 def test_same_host_same_network_goes_direct(rig: Rig) -> None:
@@ -290,6 +298,72 @@ def test_past_the_bridge_port_limit(rig: Rig) -> None:
     h1.call("delete_endpoints", net=net, eps=[e["name"] for e in eps])
 
 
+def _underlay(rig: Rig, i: int) -> dict:
+    """Host i's underlay device (the one holding its VTEP address)."""
+    return ns_link_details(rig.host(i).netns)["eth0"]
+
+
+def test_the_rx_accelerator_carries_and_steps_aside(rig: Rig) -> None:
+    """Frames from a BPF host to another are decapsulated at the receiver's underlay device
+    (cnm_tunnel_decap) and go through the uplink pair; without the program, or without the
+    pair, they take the VXLAN device's path, and reconcile puts both back."""
+    from cnm.ebpf import loader
+
+    net = _net(rig)
+    joined = {i: _join(rig, i, net, f"{net}-e{i}") for i in (1, 2, 3)}
+    (k1, _), (_, e2), (k3, e3) = joined[1], joined[2], joined[3]
+    h2 = rig.host(2)
+    assert wait_for(lambda: ns_ping(k1, e2["ip"]), 10)
+    # Host 2's accelerator: the decap program on its underlay device, the uplink pair
+    # (host end in the host namespace, the other end in the tunnel namespace).
+    tkey = h2.call("tunnel_key")
+    assert _program(h2.netns, _underlay(rig, 2)) == "cnm_tunnel_deca"
+    host_links, tunnel_links = ns_link_details(h2.netns), ns_link_details(tkey)
+    assert "vxu4789" in host_links and "UP" in host_links["vxu4789"]["flags"]
+    assert _program(tkey, tunnel_links["vxi4789"]) == "cnm_tunnel_upli"
+
+    def carried() -> tuple[int, int]:
+        c = h2.call("tunnel_counters")
+        return c["decap_fast"], c["decapsulated"]
+
+    fast, slow = carried()
+    assert ns_ping(k1, e2["ip"])
+    assert carried()[0] >= fast + 1  # the accelerator carried host 1's frames
+    # The kernel-path host still reaches both BPF hosts (and they it).
+    assert ns_ping(k3, e2["ip"]) and ns_ping(k3, joined[1][1]["ip"])
+    assert ns_ping(joined[2][0], e3["ip"])
+
+    # Detached: the VXLAN device's path carries them.
+    underlay = _underlay(rig, 2)["ifindex"]
+    assert loader.tc_detach(underlay, netns=h2.netns)
+    assert _program(h2.netns, _underlay(rig, 2)) is None
+    fast, slow = carried()
+    assert ns_ping(k1, e2["ip"])
+    now = carried()
+    assert now[0] == fast and now[1] > slow, now
+    repairs = [(r["kind"], r["object"]) for r in h2.call("reconcile")["repairs"]]
+    assert ("tunnel_program_reattached", "eth0") in repairs, repairs
+    assert _program(h2.netns, _underlay(rig, 2)) == "cnm_tunnel_deca"
+
+    # The uplink pair deleted: the same, until reconcile makes it again.
+    subprocess.run(
+        ["nsenter", f"--net={h2.netns}", "ip", "link", "del", "vxu4789"],
+        check=True,
+        capture_output=True,
+    )
+    assert "vxi4789" not in ns_link_details(tkey)
+    fast, slow = carried()
+    assert ns_ping(k1, e2["ip"])
+    now = carried()
+    assert now[0] == fast and now[1] > slow, now
+    repairs = [(r["kind"], r["object"]) for r in h2.call("reconcile")["repairs"]]
+    assert ("tunnel_uplink_made", "vxu4789") in repairs, repairs
+    fast, _ = carried()
+    assert ns_ping(k1, e2["ip"])
+    assert carried()[0] > fast
+    assert h2.call("reconcile")["repairs"] == []
+
+
 def test_doctor_shows_the_tunnel_counters(rig: Rig) -> None:
     import json
     import sys
@@ -302,6 +376,7 @@ def test_doctor_shows_the_tunnel_counters(rig: Rig) -> None:
     ).stdout
     tunnel = json.loads(out)["ebpf_datapath"]["tunnel"]
     assert tunnel["4789"]["encapsulated"] > 0 and tunnel["4789"]["decapsulated"] > 0
+    assert tunnel["4789"]["decap_fast"] > 0
 
 
 def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
@@ -313,7 +388,14 @@ def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
                     rig.host(i).call("leave_many", items=[[net, ep, cont]])
                 rig.host(i).call("delete_endpoint", net=net, ep=ep)
         rig.host(1).call("delete_network", name=name)
+    from cnm.ebpf import loader
+
     for i in BPF_HOSTS:
         tkey = rig.host(i).call("tunnel_key")
         assert wait_for(lambda k=tkey: not os.path.exists(k), 10), i
         assert not os.path.exists(_pins(rig, i)), i
+        # The accelerators went too: no uplink pair, no program on the underlay device.
+        host = rig.host(i).netns
+        assert not [n for n in ns_link_details(host) if n.startswith("vxu")], i
+        for direction in ("ingress", "egress"):
+            assert loader.tc_query(_underlay(rig, i)["ifindex"], direction, host) is None

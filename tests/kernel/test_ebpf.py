@@ -250,9 +250,16 @@ def test_probe_tells_old_kernels_from_broken_ones() -> None:
 
 def test_object_spec_globals_and_maps() -> None:
     with loader.BpfObject(loader.object_path("cnm_tunnel")) as obj:
-        assert set(obj.programs) == {"cnm_tunnel_egress", "cnm_tunnel_ingress"}
-        assert {"cnm_tun_local", "cnm_tun_peers", "cnm_tunnel_counters"} <= set(obj.maps)
+        assert set(obj.programs) == {
+            "cnm_tunnel_egress",
+            "cnm_tunnel_ingress",
+            "cnm_tunnel_decap",
+            "cnm_tunnel_uplink",
+        }
+        maps = {"cnm_tun_local", "cnm_tun_peers", "cnm_tunnel_counters", "cnm_tun_uplink"}
+        assert maps <= set(obj.maps)
         assert {"cnm_vxlan_ifindex", "cnm_tunnel_ttl", "cnm_verify_source"} <= set(obj.globals)
+        assert "cnm_vxlan_port" in obj.globals
         obj.set_global("cnm_vxlan_ifindex", 4242)
         assert int.from_bytes(obj.get_global("cnm_vxlan_ifindex"), "little") == 4242
         with pytest.raises(errors.InvalidArgument):
