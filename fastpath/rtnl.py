@@ -162,6 +162,9 @@ class VxlanSpec:
     master: int | None = None
     up: bool = True
     proxy: bool = False  # answer ARP/ND from the device's neighbour table
+    # The outer UDP checksum over IPv4: off, as RFC 7348 recommends and Docker's overlay
+    # sets it (the kernel's default when the attribute is absent is on).
+    udp_csum: bool = False
     netns_fd: int | None = None  # made inside this namespace; its UDP socket stays here
 
 
@@ -176,6 +179,7 @@ def vxlan(spec: VxlanSpec) -> Message:
         data.append(Attr(m.IFLA_VXLAN_LINK, m.U32, spec.dev))
     data.append(Attr(m.IFLA_VXLAN_PORT, m.BE16, spec.port))
     data.append(Attr(m.IFLA_VXLAN_LEARNING, m.U8, int(spec.learning)))
+    data.append(Attr(m.IFLA_VXLAN_UDP_CSUM, m.U8, int(spec.udp_csum)))
     if spec.ttl is not None:
         data.append(Attr(m.IFLA_VXLAN_TTL, m.U8, spec.ttl))
     if spec.ageing is not None:
