@@ -112,7 +112,10 @@ def test_bpf_hosts_and_a_kernel_host_ping_each_other(rig: Rig) -> None:
     for i in BPF_HOSTS:
         after = rig.host(i).call("tunnel_counters")
         assert after["encapsulated"] > before[i]["encapsulated"], i
-        assert after["decapsulated"] > before[i]["decapsulated"], i
+        # Received: by the RX accelerator (every sender here, the kernel-path host's
+        # included, sends a zero outer UDP checksum) or else the vxlan device's path.
+        received = after["decapsulated"] + after["decap_fast"]
+        assert received > before[i]["decapsulated"] + before[i]["decap_fast"], i
     # The peer map holds the remote peers as the kernel path's tables would.
     prog = rig.host(1).call("programmed", name=net)
     assert [joined[3][1]["mac"], rig.vtep(KERNEL_HOST)] in prog["fdb"]
@@ -375,8 +378,8 @@ def test_doctor_shows_the_tunnel_counters(rig: Rig) -> None:
         ["nsenter", f"--net={h1.netns}", *argv], check=True, capture_output=True, text=True
     ).stdout
     tunnel = json.loads(out)["ebpf_datapath"]["tunnel"]
-    assert tunnel["4789"]["encapsulated"] > 0 and tunnel["4789"]["decapsulated"] > 0
-    assert tunnel["4789"]["decap_fast"] > 0
+    assert tunnel["4789"]["encapsulated"] > 0 and tunnel["4789"]["decap_fast"] > 0
+    assert "decapsulated" in tunnel["4789"]
 
 
 def test_last_network_takes_the_tunnel_away(rig: Rig) -> None:
