@@ -217,9 +217,8 @@ class TunnelLinks:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.marks, network_id))
                 return None
-            try:
-                vx = self._sock().ifindex(device_name(mark["port"]))
-            except NetlinkError:
+            vx = _ifindex(self._sock(), device_name(mark["port"]))
+            if not vx:
                 return None
             self._owner(mark["port"], vx)
             return OverlayDevices(self.key, 0, vx, mark["vni"], mark["port"])
@@ -269,10 +268,7 @@ class TunnelLinks:
         """The port's external VXLAN device in the tunnel namespace: (ifindex, made now)."""
         sock = self._sock()
         name = device_name(spec.port)
-        try:
-            vx = sock.ifindex(name)
-        except NetlinkError:
-            vx = 0
+        vx = _ifindex(sock, name)
         if vx:
             link = records.link_record(sock.get(rtnl.link_get(name)))
             if link.mtu is not None and link.mtu < spec.mtu:
@@ -571,10 +567,8 @@ class TunnelLinks:
         rest is dropped, as without it). Without it, every frame is copied into a bigger
         buffer on its way out. A bridge takes ~1020 ports: the next one is made then."""
         name = f"{HEADROOM}{k}"
-        try:
-            return sock.ifindex(name)
-        except NetlinkError:
-            pass
+        if index := _ifindex(sock, name):
+            return index
         try:
             sock.request(rtnl.bridge(name, up=False))
             br = sock.ifindex(name)
