@@ -24,8 +24,8 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cnm import fastpath
 from cnm.fastpath.bulk import Route
@@ -103,8 +103,7 @@ _ETCD_RE = re.compile(r"etcd://[^/\s]+(/\S*)?\Z")
 EndpointSpec = tuple[str, str | None, str | None, str | None, Mapping[str, str] | None]
 
 
-@dataclass(frozen=True)
-class _JoinPlan:
+class _JoinPlan(NamedTuple):  # a tuple: made on every join, cheaper than a dataclass
     endpoint: EndpointRecord
     network: NetworkRecord
     sandbox: SandboxRecord
@@ -851,12 +850,15 @@ class NetworkController:
                     else None
                 )
                 held += [a6] if a6 else []
+                v4_text = str(a4) if a4 else None
+                if v4_text is not None and type(a4) is ipaddress.IPv4Interface:
+                    _remember_ipv4(v4_text, a4)  # a join parses it otherwise
                 records.append(
                     EndpointRecord(
                         id=ep_id,
                         name=name,
                         network_id=rec.id,
-                        ipv4_address=str(a4) if a4 else None,
+                        ipv4_address=v4_text,
                         ipv6_address=str(a6) if a6 else None,
                         mac_address=mac or "",
                         options=options,
@@ -1017,34 +1019,52 @@ class NetworkController:
             new_sandboxes: dict[str, SandboxRecord] = {}
             with self._store.tx():
                 seen: set[str] = set()
-                net_of: dict[str, NetworkRecord] = {}
+                joined_count: dict[str, int] = {}  # per network, read with its endpoint
                 # Per sandbox: the networks it is on, the interface names in use, and
-                # whether it has its gateway endpoint already (read once per sandbox).
+                # whether it has its gateway endpoint already (read once per sandbox,
+                # with the sandbox).
                 on_nets: dict[str, set[str]] = {}
                 used_names: dict[str, set[str]] = {}
                 has_gateway: set[str] = set()
+                # Sandboxes read, by handle id or by container id (None: none yet).
+                read: dict[tuple[bool, str], SandboxRecord | None] = {}
                 for (ep, target), cid in zip(pairs, targets, strict=True):
-                    rec = self._endpoint_record(ep.id)
+                    # A Sandbox handle must still name a live sandbox; read once, it is
+                    # also the sandbox of its container (container ids are unique). A
+                    # sandbox is read with the first endpoint joining it, with the
+                    # endpoints it has.
+                    handle = target.id if isinstance(target, Sandbox) else None
+                    k = (True, handle) if handle is not None else (False, cid)
+                    first = k not in read
+                    found = self._store.join_reads(
+                        ep.id,
+                        sandbox_id=handle if first else None,
+                        container_id=cid if first and handle is None else None,
+                        known=ep.record,
+                    )
+                    if found is None:
+                        raise errors.EndpointNotFound(ep.id)
+                    rec, net = found.endpoint, found.network
                     if rec.id in seen:
                         raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
                     seen.add(rec.id)
-                    # A Sandbox handle must still name a live sandbox; read once, it is
-                    # also the sandbox of its container (container ids are unique).
-                    handle_sb: SandboxRecord | None = None
-                    if isinstance(target, Sandbox):
-                        handle_sb = self._store.sandbox_by_id(target.id)
-                        if handle_sb is None:
-                            raise errors.SandboxNotFound(target.container_id)
+                    if first:
+                        read[k] = found.sandbox
+                        if found.sandbox is not None and found.sandbox.id not in on_nets:
+                            sid, present = found.sandbox.id, found.present
+                            on_nets[sid] = {nid for nid, _, _ in present} if present else set()
+                            used_names[sid] = {name for _, name, _ in present} if present else set()
+                            if any(gw for _, _, gw in present):
+                                has_gateway.add(sid)
+                    if handle is not None and read[k] is None:
+                        raise errors.SandboxNotFound(cid)
                     if rec.state != "ready":
                         raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
                     if rec.join_state:
                         raise errors.EndpointJoined(rec.name, rec.sandbox_id or "")
-                    net = net_of.get(rec.network_id) or self._store.network_by_id(rec.network_id)
                     assert net is not None
-                    net_of[net.id] = net
-                    sb = (
-                        handle_sb or self._store.sandbox_by_container(cid) or new_sandboxes.get(cid)
-                    )
+                    joined_count.setdefault(net.id, found.joined)
+                    sb = read[k] or new_sandboxes.get(cid)
                     if sb is None:
                         sid = new_id()
                         sb = SandboxRecord(
@@ -1059,18 +1079,10 @@ class NetworkController:
                             state="creating",
                         )
                         new_sandboxes[cid] = sb
+                        on_nets[sid] = set()
+                        used_names[sid] = set()
                     elif sb.state != "ready" and cid not in new_sandboxes:
                         raise errors.Conflict(f"sandbox of {cid!r} is {sb.state}")
-                    if sb.id not in on_nets:
-                        present = (
-                            self._store.endpoints(sandbox_id=sb.id)
-                            if cid not in new_sandboxes
-                            else []
-                        )
-                        on_nets[sb.id] = {e.network_id for e in present}
-                        used_names[sb.id] = {str(e.driver_data.get("ifname")) for e in present}
-                        if any(e.driver_data.get("gateway") for e in present):
-                            has_gateway.add(sb.id)
                     if net.id in on_nets[sb.id]:
                         raise errors.Conflict(
                             f"container {cid!r} already has an endpoint on network {net.name!r}"
@@ -1079,7 +1091,7 @@ class NetworkController:
                     ifname = free_name(used_names[sb.id], "eth")
                     used_names[sb.id].add(ifname)
                     plans.append(_JoinPlan(rec, net, sb, ifname))
-                self._check_ports([p.network for p in plans])
+                self._check_ports([p.network for p in plans], joined_count)
                 if new_sandboxes:
                     self._store.put_sandboxes(list(new_sandboxes.values()))
                 self._store.put_join_intents([(p.endpoint.id, p.sandbox.id) for p in plans])
@@ -1087,18 +1099,18 @@ class NetworkController:
             joined: list[_JoinPlan] = []
             join_data: dict[str, dict[str, object]] = {}
             try:
-                self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
-                created.extend(new_sandboxes.values())
+                if new_sandboxes:
+                    self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
+                    created.extend(new_sandboxes.values())
                 infos = self._driver_joins(plans, joined)
-                wanted = [
-                    (p, info)
-                    for p, info in zip(plans, infos, strict=True)
-                    if info.src_name is not None
-                ]
                 # libnetwork's rule: one gateway endpoint per sandbox, the first joined
                 # that offers one; the others get no default route (it would clash).
+                wanted: list[_JoinPlan] = []
                 configs = []
-                for p, info in wanted:
+                for p, info in zip(plans, infos, strict=True):
+                    if info.src_name is None:
+                        continue
+                    wanted.append(p)
                     offers = info.gateway is not None or info.gateway_ipv6 is not None
                     gateway = offers and p.sandbox.id not in has_gateway
                     if gateway:
@@ -1114,7 +1126,7 @@ class NetworkController:
                     final = p.ifname if info.src_name == p.ifname else None
                     configs.append((p.sandbox.key, _interface_config(p.endpoint, info, name=final)))
                 outcomes = self._interfaces.add(configs)
-                for (p, _), outcome in zip(wanted, outcomes, strict=True):
+                for p, outcome in zip(wanted, outcomes, strict=True):
                     if isinstance(outcome, errors.CNMError):
                         raise outcome
                     join_data[p.endpoint.id]["ifname"] = outcome
@@ -1127,34 +1139,34 @@ class NetworkController:
             except BaseException as exc:
                 self._rollback_join(exc, plans, joined, created, list(new_sandboxes.values()))
                 raise
-            with self._store.tx():
-                self._store.put_join_results(
-                    [
-                        (
-                            p.endpoint.id,
-                            _with_join(p.endpoint.driver_data, join_data.get(p.endpoint.id)),
-                        )
-                        for p in plans
-                    ]
-                )
-                if new_sandboxes:
+            results = [
+                (p.endpoint.id, _with_join(p.endpoint.driver_data, join_data.get(p.endpoint.id)))
+                for p in plans
+            ]
+            if new_sandboxes:
+                with self._store.tx():
+                    self._store.put_join_results(results)
                     self._store.put_sandboxes(
                         [replace(sb, state="ready") for sb in new_sandboxes.values()]
                     )
+            else:  # one write: a transaction of its own
+                self._store.put_join_results(results)
             # Without a hostname a sandbox's files do not depend on its endpoints: they
             # were written when it was made.
-            self._write_files(
-                {
-                    p.sandbox.id
-                    for p in plans
-                    if p.sandbox.hostname or p.sandbox.container_id in new_sandboxes
-                }
-            )
+            rewrite = {
+                p.sandbox.id
+                for p in plans
+                if p.sandbox.hostname or p.sandbox.container_id in new_sandboxes
+            }
+            if rewrite:
+                self._write_files(rewrite)
             if self._global is not None:  # global scope: publish overlay peer records
                 self._global.joined([p.endpoint for p in plans])
             return [p.sandbox.key for p in plans]
 
-    def _check_ports(self, networks: Sequence[NetworkRecord]) -> None:
+    def _check_ports(
+        self, networks: Sequence[NetworkRecord], joined: Mapping[str, int] | None = None
+    ) -> None:
         """Refuse, before the kernel does, a join past a driver's port limit (a Linux
         bridge takes 1024 ports; a PortLimit driver says per network, e.g. none for a
         routed bridge network); one entry in `networks` per join.
@@ -1162,13 +1174,16 @@ class NetworkController:
         Runs inside the store's write transaction, so it never resolves a driver (the
         first use of a remote driver is a plugin handshake, with retries and timeouts):
         only drivers already registered are asked, and a driver that is not registered
-        yet cannot have a limit (a driver with one is built in or registered at start)."""
+        yet cannot have a limit (a driver with one is built in or registered at start).
+        `joined`: the networks' joined counts when already read in this transaction."""
         adding: dict[str, int] = {}
+        first: dict[str, NetworkRecord] = {}
         for n in networks:
             adding[n.id] = adding.get(n.id, 0) + 1
-        registered = set(self._registry.names())
+            first.setdefault(n.id, n)
+        registered = self._registry.names()
         for net_id, count in adding.items():
-            net = next(n for n in networks if n.id == net_id)
+            net = first[net_id]
             if net.driver not in registered:
                 continue
             drv = self._driver_for(net)
@@ -1179,7 +1194,10 @@ class NetworkController:
                 limit = drv.max_ports  # type: ignore[attr-defined]
             if limit is None:
                 continue
-            if self._store.count_joined(net_id) + count > limit:
+            now = joined.get(net_id) if joined is not None else None
+            if now is None:
+                now = self._store.count_joined(net_id)
+            if now + count > limit:
                 raise errors.PortsExhausted(net.name, limit)
 
     def _driver_joins(self, plans: list[_JoinPlan], joined: list[_JoinPlan]) -> list[JoinInfo]:
@@ -1192,7 +1210,7 @@ class NetworkController:
             by_driver.setdefault(p.network.driver, []).append(i)
         for idxs in by_driver.values():
             drv = self._driver_for(plans[idxs[0]].network)
-            for i in idxs:  # announce every network of this driver
+            for i in idxs[1:]:  # announce every other network of this driver
                 self._driver_for(plans[i].network)
             items = [
                 (
@@ -1690,9 +1708,39 @@ def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) ->
     return out
 
 
-# An endpoint's stored addresses, parsed once (each join needs them twice; the objects
-# are immutable, so sharing them is safe).
-_ipv4_interface = functools.lru_cache(maxsize=4096)(ipaddress.IPv4Interface)
+def _parse_ipv4_interface(text: str) -> ipaddress.IPv4Interface:
+    """An IPv4 interface as the store keeps it ("a.b.c.d/len", str() of one): built from
+    its integer and prefix length, which skips the ipaddress module's octet-by-octet
+    parse (a join's costliest parse); anything else goes through that parse."""
+    addr, _, plen = text.partition("/")
+    octets = addr.split(".")
+    if len(octets) == 4 and addr.replace(".", "").isdigit() and plen.isdigit():
+        a, b, c, d = map(int, octets)
+        if max(a, b, c, d) <= 255 and int(plen) <= 32:
+            return ipaddress.IPv4Interface(((a << 24) | (b << 16) | (c << 8) | d, int(plen)))
+    return ipaddress.IPv4Interface(text)
+
+
+# An endpoint's stored IPv4 address, parsed once (each join needs it twice) or kept from
+# its allocation (create_endpoints); the objects are immutable, so sharing them is safe.
+_IPV4_KNOWN: dict[str, ipaddress.IPv4Interface] = {}
+_IPV4_KNOWN_MAX = 4096
+
+
+def _ipv4_interface(text: str) -> ipaddress.IPv4Interface:
+    iface = _IPV4_KNOWN.get(text)
+    if iface is None:
+        iface = _parse_ipv4_interface(text)
+        _remember_ipv4(text, iface)
+    return iface
+
+
+def _remember_ipv4(text: str, iface: ipaddress.IPv4Interface) -> None:
+    if len(_IPV4_KNOWN) >= _IPV4_KNOWN_MAX:
+        _IPV4_KNOWN.clear()
+    _IPV4_KNOWN[text] = iface
+
+
 _ipv6_interface = functools.lru_cache(maxsize=4096)(ipaddress.IPv6Interface)
 
 
@@ -1730,12 +1778,16 @@ def _interface_config(
         addresses.append(_ipv4_interface(ep.ipv4_address))
     if ep.ipv6_address:
         addresses.append(_ipv6_interface(ep.ipv6_address))
-    routes = tuple(
-        Route(
-            ipaddress.ip_network(r.destination, strict=False),
-            r.next_hop if r.route_type == 0 else None,
+    routes = (
+        tuple(
+            Route(
+                ipaddress.ip_network(r.destination, strict=False),
+                r.next_hop if r.route_type == 0 else None,
+            )
+            for r in info.static_routes
         )
-        for r in info.static_routes
+        if info.static_routes
+        else ()
     )
     return InterfaceConfig(
         src_name=info.src_name or "",

@@ -136,15 +136,16 @@ class _Net:
     bridge: str
     index: int | None = None
 
-    @property
+    # Worked out once per network (the info and options never change): every join asks
+    # for them, some several times.
+    @functools.cached_property
     def routed(self) -> bool:
         return self.options.datapath == "routed"
 
-    @property
+    @functools.cached_property
     def group(self) -> int | None:
         return routed_group(self.info.id) if self.routed else None
 
-    # Parsed once per network (the info never changes): every join asks for them.
     @functools.cached_property
     def gateway4(self) -> ipaddress.IPv4Address | None:
         for p in self.info.ipv4:
@@ -303,7 +304,9 @@ class BridgeDriver(JoinsInBulk):
             for net, (_, eid, sb) in zip(nets, items, strict=True)
         ]
         outcomes: list[errors.CNMError | None] = self.links.veths(specs)
-        if any(isinstance(o, errors.KernelError) and o.errno == errno.EEXIST for o in outcomes):
+        if any(outcomes) and any(
+            isinstance(o, errors.KernelError) and o.errno == errno.EEXIST for o in outcomes
+        ):
             # A host end of an earlier join of the same endpoint may still be waiting in
             # the graveyard: delete the graveyard now and try those again.
             self.links.reap()

@@ -50,8 +50,13 @@ class InterfaceConfig:
     name: str | None = None  # set when src_name is already the final name: no rename
 
 
+@functools.lru_cache(maxsize=16)
+def _numbered(prefix: str) -> re.Pattern[str]:
+    return re.compile(re.escape(prefix) + r"(\d+)\Z")
+
+
 def free_name(existing: set[str], prefix: str) -> str:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\Z")
+    pattern = _numbered(prefix)
     used = {int(m.group(1)) for n in existing if (m := pattern.match(n))}
     i = 0
     while i in used:
@@ -97,12 +102,19 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     return name
 
 
+# A default route's request, built once per gateway and interface index (every join to
+# a network asks for the same one, mostly on index 2); messages are immutable.
+_default_route = functools.lru_cache(maxsize=256)(
+    lambda dst, gateway, idx: rtnl.route_add(dst, gateway=gateway, oif=idx)
+)
+
+
 def _add_routes(reqs: list[Message], idx: int, cfg: InterfaceConfig) -> None:
     """The gateway and static routes of an interface that is up, appended to `reqs`."""
     if cfg.gateway is not None:
-        reqs.append(rtnl.route_add(bulk.DEFAULT_V4, gateway=cfg.gateway, oif=idx))
+        reqs.append(_default_route(bulk.DEFAULT_V4, cfg.gateway, idx))
     if cfg.gateway6 is not None:
-        reqs.append(rtnl.route_add(bulk.DEFAULT_V6, gateway=cfg.gateway6, oif=idx))
+        reqs.append(_default_route(bulk.DEFAULT_V6, cfg.gateway6, idx))
     for r in cfg.routes:
         reqs.append(rtnl.route_add(r.destination, gateway=r.gateway, oif=idx))
 

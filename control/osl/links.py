@@ -214,6 +214,8 @@ def veths_into_sandboxes(
         for fd in fds:
             os.close(fd)
     out: list[errors.CNMError | None] = [None] * len(items)
+    if not result.errors:
+        return out
     for k, exc in sorted(result.errors.items()):
         i = owner[k]
         if out[i] is None:

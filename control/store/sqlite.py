@@ -2,8 +2,10 @@
 
 Owns the schema, its migrations, and every read and write of local state: networks,
 endpoints, sandboxes, IPAM pools and addresses. Every mutation runs inside `tx()`, a
-`BEGIN IMMEDIATE` transaction, so several processes on one state_dir are serialised by
-SQLite's write lock and never hand out the same name or address.
+`BEGIN IMMEDIATE` transaction (a single-statement one, a join's confirmation, may run as a
+transaction of its own, which takes the same write lock), so several processes on one
+state_dir are serialised by SQLite's write lock and never hand out the same name or
+address. What joins read is read in one statement (`join_reads`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import errors
 from ..types import EndpointRecord, NetworkRecord, PoolData, SandboxRecord, new_id
 
 SCHEMA_VERSION = 3
+KEPT_SANDBOXES_MAX = 4096  # sandbox records kept between joins (see join_reads)
 
 # Each entry upgrades the schema from (index) to (index + 1). Never edit a released one.
 MIGRATIONS: list[str] = [
@@ -148,6 +150,32 @@ def _json(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
+def _unchanged(row: Sequence[Any], rec: EndpointRecord) -> bool:
+    """Whether an endpoint row (SQLiteStore._EP_COLS first) is what `rec` would parse
+    from (owner aside); only empty options and driver data are compared, as stored JSON
+    of others may not round-trip to the very same values."""
+    return (
+        row[0] == rec.id
+        and row[1] == rec.name
+        and row[2] == rec.network_id
+        and row[3] == rec.ipv4_address
+        and row[4] == rec.ipv6_address
+        and row[5] == rec.mac_address
+        and row[6] == "{}"
+        and not rec.options
+        and row[7] == rec.sandbox_id
+        and row[8] == rec.state
+        and row[9] == rec.join_state
+        and row[10] == "{}"
+        and not rec.driver_data
+    )
+
+
+def _object(text: str) -> Any:
+    """A stored JSON object (most endpoints' options and driver data are empty)."""
+    return {} if text == "{}" else json.loads(text)
+
+
 @contextlib.contextmanager
 def _flocked(path: str) -> Iterator[None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -176,6 +204,10 @@ class SQLiteStore:
         self._owners_dir = os.path.join(state_dir, "owners")
         self._lock = threading.RLock()
         self._depth = 0
+        # Network and sandbox records as of `_records_version` (see join_reads).
+        self._records_version: int | None = None
+        self._networks: dict[str, NetworkRecord] = {}
+        self._sandboxes: dict[str, SandboxRecord] = {}
         self.owner, self._owner_fd = self._claim_owner()
         try:
             # Opening is serialised across processes: switching a new file to WAL does not
@@ -193,6 +225,7 @@ class SQLiteStore:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
+                self._records_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         except (sqlite3.Error, OSError) as exc:
             self._release_owner()
             raise errors.StoreError(f"cannot open store {self.path!r}: {exc}") from None
@@ -264,34 +297,9 @@ class SQLiteStore:
     def schema_version(self) -> int:
         return int(self.meta("schema_version") or 0)
 
-    @contextmanager
-    def tx(self) -> Iterator[None]:
+    def tx(self) -> _Transaction:
         """One atomic transaction (nested calls join the outer one)."""
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield
-                finally:
-                    self._depth -= 1
-                return
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise errors.StoreError(f"store {self.path}: {exc}") from None
-            self._depth = 1
-            try:
-                yield
-            except BaseException:
-                self._depth = 0
-                self._db.execute("ROLLBACK")
-                raise
-            self._depth = 0
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._db.execute("ROLLBACK")
-                raise errors.StoreError(f"store {self.path}: commit failed: {exc}") from None
+        return _Transaction(self)
 
     def execute(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -334,7 +342,7 @@ class SQLiteStore:
     _NET_COLS = "id, name, driver, scope, ipam_driver, data, state, created, owner"
 
     @staticmethod
-    def _network(row: tuple[Any, ...]) -> NetworkRecord:
+    def _network(row: Sequence[Any]) -> NetworkRecord:
         data = json.loads(row[5])
         return NetworkRecord(
             id=row[0],
@@ -365,6 +373,7 @@ class SQLiteStore:
             "ipv6": [asdict(p) for p in rec.ipv6],
         }
         with self.tx():
+            self._networks.pop(rec.id, None)  # kept records: see join_reads
             self.execute(
                 f"INSERT INTO networks ({self._NET_COLS}) VALUES (?,?,?,?,?,?,?,?,?) "
                 f"{_upsert(self._NET_COLS)}",
@@ -383,12 +392,14 @@ class SQLiteStore:
 
     def set_network_state(self, network_id: str, state: str) -> None:
         with self.tx():
+            self._networks.pop(network_id, None)
             self.execute(
                 "UPDATE networks SET state=?, owner=? WHERE id=?", (state, self.owner, network_id)
             )
 
     def delete_network(self, network_id: str) -> None:
         with self.tx():
+            self._networks.pop(network_id, None)
             self.execute("DELETE FROM networks WHERE id=?", (network_id,))
 
     def network_by_id(self, network_id: str) -> NetworkRecord | None:
@@ -418,7 +429,7 @@ class SQLiteStore:
     )
 
     @staticmethod
-    def _endpoint(row: tuple[Any, ...]) -> EndpointRecord:
+    def _endpoint(row: Sequence[Any]) -> EndpointRecord:
         return EndpointRecord(
             id=row[0],
             name=row[1],
@@ -426,11 +437,11 @@ class SQLiteStore:
             ipv4_address=row[3],
             ipv6_address=row[4],
             mac_address=row[5],
-            options=json.loads(row[6]),
+            options=_object(row[6]),
             sandbox_id=row[7],
             state=row[8],
             join_state=row[9],
-            driver_data=json.loads(row[10]),
+            driver_data=_object(row[10]),
             owner=row[11],
         )
 
@@ -468,20 +479,35 @@ class SQLiteStore:
 
     def put_join_intents(self, joins: list[tuple[str, str]]) -> None:
         """Mark existing endpoints (id, sandbox id) "joining" that sandbox: a join's intent."""
-        with self.tx():
-            self.executemany(
-                "UPDATE endpoints SET sandbox_id=?, join_state='joining', owner=? WHERE id=?",
-                [(sandbox_id, self.owner, eid) for eid, sandbox_id in joins],
-            )
+        self._update_rows(
+            "UPDATE endpoints SET sandbox_id=?, join_state='joining', owner=? WHERE id=?",
+            [(sandbox_id, self.owner, eid) for eid, sandbox_id in joins],
+        )
 
     def put_join_results(self, joins: list[tuple[str, dict[str, object]]]) -> None:
         """Mark existing endpoints (id, driver data) "joined" the sandbox their intent
         recorded, with the driver data the join set up: a join's confirmation."""
-        with self.tx():
-            self.executemany(
-                "UPDATE endpoints SET join_state='joined', driver_data=?, owner=? WHERE id=?",
-                [(_json(data), self.owner, eid) for eid, data in joins],
-            )
+        self._update_rows(
+            "UPDATE endpoints SET join_state='joined', driver_data=?, owner=? WHERE id=?",
+            [(_json(data), self.owner, eid) for eid, data in joins],
+        )
+
+    def _update_rows(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._lock:
+            if len(rows) == 1 and not self._depth:
+                # One statement outside a transaction is a transaction of its own: SQLite
+                # takes the write lock for it at its start (waiting out another writer,
+                # as BEGIN IMMEDIATE does) and commits it, without two more round trips.
+                try:
+                    self._db.execute(sql, rows[0])
+                except sqlite3.Error as exc:
+                    raise errors.StoreError(f"store {self.path}: {exc}") from None
+                return
+            with self.tx():
+                if len(rows) == 1:  # a single join: no executemany iterator to set up
+                    self._db.execute(sql, rows[0])
+                else:
+                    self._db.executemany(sql, rows)
 
     def delete_endpoints(self, endpoint_ids: list[str]) -> None:
         with self.tx():
@@ -546,7 +572,7 @@ class SQLiteStore:
     _SB_COLS = "id, container_id, key, explicit, data, state, owner"
 
     @staticmethod
-    def _sandbox(row: tuple[Any, ...]) -> SandboxRecord:
+    def _sandbox(row: Sequence[Any]) -> SandboxRecord:
         data = json.loads(row[4])
         return SandboxRecord(
             id=row[0],
@@ -561,27 +587,28 @@ class SQLiteStore:
             owner=row[6],
         )
 
+    def _sandbox_row(self, rec: SandboxRecord) -> tuple[Any, ...]:
+        data = {
+            "hostname": rec.hostname,
+            "dns": list(rec.dns),
+            "dns_search": list(rec.dns_search),
+            "extra_hosts": list(rec.extra_hosts),
+        }
+        return (
+            rec.id,
+            rec.container_id,
+            rec.key,
+            int(rec.explicit),
+            _json(data),
+            rec.state,
+            self.owner,
+        )
+
     def put_sandboxes(self, recs: list[SandboxRecord]) -> None:
-        rows = []
-        for rec in recs:
-            data = {
-                "hostname": rec.hostname,
-                "dns": list(rec.dns),
-                "dns_search": list(rec.dns_search),
-                "extra_hosts": list(rec.extra_hosts),
-            }
-            rows.append(
-                (
-                    rec.id,
-                    rec.container_id,
-                    rec.key,
-                    int(rec.explicit),
-                    _json(data),
-                    rec.state,
-                    self.owner,
-                )
-            )
+        rows = [self._sandbox_row(rec) for rec in recs]
         with self.tx():
+            for rec in recs:
+                self._sandboxes.pop(rec.id, None)
             self.executemany(
                 f"INSERT INTO sandboxes ({self._SB_COLS}) VALUES (?,?,?,?,?,?,?) "
                 f"{_upsert(self._SB_COLS)}",
@@ -589,10 +616,18 @@ class SQLiteStore:
             )
 
     def put_sandbox(self, rec: SandboxRecord) -> None:
-        self.put_sandboxes([rec])
+        with self._lock:
+            self.put_sandboxes([rec])
+            if rec.state == "ready" and not self._depth:
+                # A sandbox made on its own (create_sandbox) is read next by a join: keep
+                # its record as it now is in the store (written, committed, parsed from
+                # the row as a read would), outside that join (see join_reads).
+                self._keep_sandbox(self._sandbox(self._sandbox_row(rec)))
 
     def delete_sandboxes(self, sandbox_ids: list[str]) -> None:
         with self.tx():
+            for sid in sandbox_ids:
+                self._sandboxes.pop(sid, None)
             self.executemany("DELETE FROM sandboxes WHERE id=?", [(i,) for i in sandbox_ids])
 
     def sandbox_by_id(self, sandbox_id: str) -> SandboxRecord | None:
@@ -615,3 +650,148 @@ class SQLiteStore:
     def sandboxes(self) -> list[SandboxRecord]:
         rows = self.fetchall(f"SELECT {self._SB_COLS} FROM sandboxes ORDER BY rowid")
         return [self._sandbox(r) for r in rows]
+
+    # --- what a join reads: one statement, records known since kept --------------------
+    #
+    # A join checks its endpoint, the endpoint's network, the network's joined count (the
+    # port limit) and the target sandbox with the endpoints already in it. One statement
+    # reads what changes with every join (the endpoint, packed by SQLite into one JSON
+    # array: the sqlite3 module hands over each column on its own, with the GIL released
+    # and taken back around it; the count; the sandbox's endpoints) and the database's
+    # data_version, which moves when another connection commits. Network and sandbox
+    # records, which joins do not change, are kept while it stays put: this store's own
+    # writes replace or drop what they change, a rollback drops them all.
+
+    _JOIN_SELECT = (
+        "SELECT json_array("
+        + ", ".join(f"e.{c.strip()}" for c in _EP_COLS.split(","))
+        + "), c.n, (SELECT data_version FROM pragma_data_version)"
+    )
+    _JOIN_FROM = " FROM endpoints e LEFT JOIN joined_counts c ON c.network_id = e.network_id"
+    _PRESENT = (
+        ", (SELECT json_group_array(json_array(x.network_id,"
+        " json_extract(x.driver_data, '$.ifname'), json_extract(x.driver_data, '$.gateway')))"
+        " FROM endpoints x WHERE x.sandbox_id = {sid})"
+    )
+    _JOIN_SQL = {
+        None: _JOIN_SELECT + _JOIN_FROM + " WHERE e.id = ?1",
+        "id": _JOIN_SELECT + ", ?2" + _PRESENT.format(sid="?2") + _JOIN_FROM + " WHERE e.id = ?1",
+        "container_id": _JOIN_SELECT
+        + ", s.id"
+        + _PRESENT.format(sid="s.id")
+        + _JOIN_FROM
+        + " LEFT JOIN sandboxes s ON s.container_id = ?2 WHERE e.id = ?1",
+    }
+
+    def join_reads(
+        self,
+        endpoint_id: str,
+        *,
+        sandbox_id: str | None = None,
+        container_id: str | None = None,
+        known: EndpointRecord | None = None,
+    ) -> JoinReads | None:
+        """What a join of this endpoint checks (None when the endpoint does not exist);
+        with `sandbox_id` or `container_id`, the target sandbox too. `known`: the record
+        the caller holds (an Endpoint handle's), returned as is if the stored row still
+        says the same (the owner aside, which is bookkeeping), instead of a parse.
+        Called inside a transaction (the records it keeps are checked against it)."""
+        if sandbox_id is not None:
+            key: str | None = "id"
+            args: tuple[str, ...] = (endpoint_id, sandbox_id)
+        elif container_id is not None:
+            key, args = "container_id", (endpoint_id, container_id)
+        else:
+            key, args = None, (endpoint_id,)
+        with self._lock:
+            row = self._db.execute(self._JOIN_SQL[key], args).fetchone()
+            if row is None:
+                return None
+            if row[2] != self._records_version:  # another connection wrote since
+                self._forget_records()
+                self._records_version = row[2]
+            ep_row = json.loads(row[0])
+            net = self._networks.get(ep_row[2])
+            if net is None:
+                net = self.network_by_id(ep_row[2])
+                if net is not None:
+                    self._networks[net.id] = net
+            sb: SandboxRecord | None = None
+            present: tuple[tuple[str, str, bool], ...] = ()
+            if key is not None and row[3] is not None:
+                sb = self._sandboxes.get(row[3])
+                if sb is None:
+                    sb = self.sandbox_by_id(row[3])
+                    if sb is not None:
+                        self._keep_sandbox(sb)
+                if sb is not None and row[4] != "[]":
+                    present = tuple((n, str(i), bool(g)) for n, i, g in json.loads(row[4]))
+        ep = known if known is not None and _unchanged(ep_row, known) else self._endpoint(ep_row)
+        return JoinReads(ep, net, int(row[1] or 0), sb, present)
+
+    def _keep_sandbox(self, rec: SandboxRecord) -> None:
+        if len(self._sandboxes) >= KEPT_SANDBOXES_MAX:
+            self._sandboxes.clear()
+        self._sandboxes[rec.id] = rec
+
+    def _forget_records(self) -> None:
+        self._networks.clear()
+        self._sandboxes.clear()
+
+
+class JoinReads(NamedTuple):
+    """What `SQLiteStore.join_reads` read for one join."""
+
+    endpoint: EndpointRecord
+    network: NetworkRecord | None
+    joined: int  # endpoints of the network joining, joined or leaving (the port limit)
+    sandbox: SandboxRecord | None  # the sandbox asked for: None if none (or not asked)
+    # Per endpoint that names that sandbox (any join state): its network id, its
+    # driver_data "ifname" (as str()), whether it is the sandbox's gateway endpoint.
+    present: tuple[tuple[str, str, bool], ...]
+
+
+class _Transaction:
+    """`SQLiteStore.tx()`: BEGIN IMMEDIATE on entry (under the store's lock), COMMIT on a
+    clean exit, ROLLBACK on an exception; a nested one joins the outer. A plain context
+    manager rather than a generator: every join runs two of them."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> None:
+        store = self._store
+        store._lock.acquire()
+        if store._depth:
+            store._depth += 1
+            return
+        try:
+            store._db.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            store._lock.release()
+            if isinstance(exc, sqlite3.Error):
+                raise errors.StoreError(f"store {store.path}: {exc}") from None
+            raise
+        store._depth = 1
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        store = self._store
+        try:
+            if store._depth > 1:
+                store._depth -= 1
+                return
+            store._depth = 0
+            if exc_type is not None:
+                store._forget_records()  # some may have been read or written in it
+                store._db.execute("ROLLBACK")
+                return
+            try:
+                store._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                store._forget_records()
+                store._db.execute("ROLLBACK")
+                raise errors.StoreError(f"store {store.path}: commit failed: {exc}") from None
+        finally:
+            store._lock.release()
