@@ -11,7 +11,8 @@
  *   MODE batch       the namespaces exist; one host batch, then one batch per namespace
  *   MODE create      the same, after creating the namespaces (unshare + bind mount, lo up)
  *   MODE sequential  one container at a time: host message, ACK, namespace batch, ACK
- * prints: {"attach_s": seconds, "p50_ms": per-container median (sequential), "errors": n}
+ * prints: {"attach_s": seconds, "p50_ms": per-container median (sequential), "errors": n,
+ *          "each_ms": per-container times, sorted (sequential; 0 otherwise)}
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -153,6 +154,9 @@ int main(int argc, char **argv) {
     }
     double total = now() - t0;
     qsort(each, n, sizeof *each, cmp_double);
-    printf("{\"attach_s\": %.6f, \"p50_ms\": %.4f, \"errors\": %d}\n", total, each[n / 2] * 1000, errors);
+    printf("{\"attach_s\": %.6f, \"p50_ms\": %.4f, \"errors\": %d, \"each_ms\": [", total,
+           each[n / 2] * 1000, errors);
+    for (int i = 0; i < n; i++) printf("%s%.4f", i ? ", " : "", each[i] * 1000);
+    printf("]}\n");
     return 0;
 }
