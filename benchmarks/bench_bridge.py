@@ -50,15 +50,7 @@ def _floor(binary: str, mode: str, paths: list[str], tag: str) -> dict:
     try:
         if mode != "create":
             assert not any(netns.create_many(paths))
-        out = subprocess.run(
-            [binary, mode, str(bridge), str(group), "46", *paths],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        result = json.loads(out)
-        assert result["errors"] == 0, result
-        return {**result, "group": group}
+        return {**_run_floor(binary, mode, bridge, group, paths), "group": group}
     finally:
         bulk.delete_group(group)
         socket_for(None).request(rtnl.link_del(bridge))
@@ -74,18 +66,26 @@ def _controller(state: Path, run: Path, tag: str) -> NetworkController:
     )
 
 
-def _floor_times(binary: str, bridge: int, group: int, paths: list[str]) -> list[float]:
-    """The C floor's sequential attach of the (existing) namespaces `paths`, on `bridge`
-    with its host ends in `group`: each container's time, in seconds."""
+def _run_floor(
+    binary: str, mode: str, bridge: int, group: int, paths: list[str], octet: int = 46
+) -> dict:
+    """attach_floor.c in `mode` on `paths`, host ends on `bridge` in `group`, addresses in
+    10.<octet>/16: its report."""
     out = subprocess.run(
-        [binary, "sequential", str(bridge), str(group), "46", *paths],
+        [binary, mode, str(bridge), str(group), str(octet), *paths],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     result = json.loads(out)
     assert result["errors"] == 0, result
-    return [t / 1000 for t in result["each_ms"]]
+    return result
+
+
+def _floor_times(binary: str, bridge: int, group: int, paths: list[str]) -> list[float]:
+    """The C floor's sequential attach of the (existing) namespaces `paths`, on `bridge`
+    with its host ends in `group`: each container's time, in seconds."""
+    return [t / 1000 for t in _run_floor(binary, "sequential", bridge, group, paths)["each_ms"]]
 
 
 def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path, run_root: Path) -> None:
@@ -149,13 +149,7 @@ def test_join_many_and_leave_many(
     paths = [str(run_root / f"d{i}") for i in range(N)]
     bridge = _bridge("brfdel")
     assert not any(netns.create_many(paths))
-    out = subprocess.run(
-        [floor_binary, "batch", str(bridge), "4001", "47", *paths],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert json.loads(out)["errors"] == 0
+    _run_floor(floor_binary, "batch", bridge, 4001, paths, octet=47)
     settle()
     t0 = time.perf_counter()
     bulk.delete_group(4001)
