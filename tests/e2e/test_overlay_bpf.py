@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cnm.control.osl.accel import default_pin_root
-from tests.bpf_gate import require_bpf
+from tests.bpf_gate import require_bpf, tc_program_name
 from tests.e2e.overlay_rig import RemoteError, Rig, etcd_available, wait_for
 from tests.kernel.oracles import link_kind, ns_link_details, ns_neighbours, ns_ping
 
@@ -62,16 +62,7 @@ def _pins(rig: Rig, i: int) -> str:
 
 def _program(key: str, link: dict) -> str | None:
     """The name of cnm's program at the link's TC ingress (tcx hook or clsact filter)."""
-    from cnm.ebpf import loader
-
-    prog_id = loader.tc_query(link["ifindex"], netns=key)
-    if prog_id is None:
-        return None
-    fd = loader.lib().bpf_prog_get_fd_by_id(prog_id)
-    try:
-        return loader._obj_info(fd, 80, "program")[64:80].split(b"\0", 1)[0].decode()
-    finally:
-        os.close(fd)
+    return tc_program_name(link["ifindex"], key)
 
 
 def test_hosts_choose_their_data_path(rig: Rig) -> None:

@@ -19,7 +19,7 @@ import pytest
 from cnm.control.osl.overlay import OverlaySpec
 from cnm.control.osl.tunnel import TunnelLinks, uplink_names
 from cnm.fastpath import netns
-from tests.bpf_gate import require_bpf
+from tests.bpf_gate import require_bpf, tc_program_name
 from tests.kernel.oracles import ns_link_details
 
 pytestmark = pytest.mark.privileged
@@ -131,19 +131,6 @@ def _host_link(name: str) -> int:
         return 0
 
 
-def _program_name(ifindex: int, netns_path: str | None = None) -> str | None:
-    from cnm.ebpf import loader
-
-    prog_id = loader.tc_query(ifindex, netns=netns_path)
-    if prog_id is None:
-        return None
-    fd = loader.lib().bpf_prog_get_fd_by_id(prog_id)
-    try:
-        return loader._obj_info(fd, 80, "program")[64:80].split(b"\0", 1)[0].decode()
-    finally:
-        os.close(fd)
-
-
 def test_the_accelerator_is_made_repaired_and_removed(
     links: TunnelLinks, vtep_device: tuple[str, int]
 ) -> None:
@@ -157,8 +144,8 @@ def test_the_accelerator_is_made_repaired_and_removed(
     assert up, "no uplink pair in the host namespace"
     tunnel = ns_link_details(links.key)
     assert "UP" in tunnel[tunnel_end]["flags"]
-    assert _program_name(tunnel[tunnel_end]["ifindex"], links.key) == "cnm_tunnel_upli"
-    assert _program_name(device) == "cnm_tunnel_deca"
+    assert tc_program_name(tunnel[tunnel_end]["ifindex"], links.key) == "cnm_tunnel_upli"
+    assert tc_program_name(device) == "cnm_tunnel_deca"
     owner = links._owners[PORT]
     config = owner.uplink()
     assert config is not None
@@ -178,7 +165,7 @@ def test_the_accelerator_is_made_repaired_and_removed(
     assert links.sync_peers(dev, []) == [("tunnel_uplink_made", host_end)]
     config = owner.uplink()
     assert config is not None and config.uplink == _host_link(host_end) != 0
-    assert _program_name(ns_link_details(links.key)[tunnel_end]["ifindex"], links.key)
+    assert tc_program_name(ns_link_details(links.key)[tunnel_end]["ifindex"], links.key)
     assert links.sync_peers(dev, []) == []
 
     # A second network on the port shares the accelerator; the last one takes it away.
