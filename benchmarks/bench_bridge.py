@@ -14,10 +14,8 @@ N = CNM_BENCH_CONTAINERS (default 500); the sequential test uses N // 5.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from cnm.control.bench import Progress, bench_cni
 from cnm.fastpath import bulk, netns, records, rtnl
 from cnm.fastpath.transport import socket_for
 
-from .bench_common import record_ratio, settle
+from .bench_common import c_report, record_ratio, settle
 
 pytestmark = pytest.mark.privileged
 
@@ -71,15 +69,7 @@ def _run_floor(
 ) -> dict:
     """attach_floor.c in `mode` on `paths`, host ends on `bridge` in `group`, addresses in
     10.<octet>/16: its report."""
-    out = subprocess.run(
-        [binary, mode, str(bridge), str(group), str(octet), *paths],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    result = json.loads(out)
-    assert result["errors"] == 0, result
-    return result
+    return c_report([binary, mode, str(bridge), str(group), str(octet), *paths])
 
 
 def _floor_times(binary: str, bridge: int, group: int, paths: list[str]) -> list[float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -78,3 +79,12 @@ def build_c(name: str, out_dir: str) -> str:
     out = os.path.join(out_dir, name)
     subprocess.run([gcc, "-O2", "-o", out, str(Path(__file__).with_name(f"{name}.c"))], check=True)
     return out
+
+
+def c_report(argv: list[str]) -> dict:
+    """Run one of the C references (built by build_c) and return its JSON report, which
+    must count no errors."""
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out)
+    assert result["errors"] == 0, result
+    return result

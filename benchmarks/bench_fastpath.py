@@ -26,7 +26,7 @@ from cnm import fastpath
 from cnm.fastpath import _pycodec, bulk, netns, records, rtnl
 from cnm.fastpath.transport import socket_for
 
-from .bench_common import record_ratio, settle, timed
+from .bench_common import c_report, record_ratio, settle, timed
 
 pytestmark = pytest.mark.privileged
 
@@ -163,14 +163,7 @@ def run_cnm(root: str, backend: str, count: int) -> float:
 def run_floor(root: str, binary: str, count: int) -> float:
     rig = Rig(root, "fl", count)
     try:
-        out = subprocess.run(
-            [binary, "batch", str(rig.bridge), str(rig.group), "45", *rig.paths],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        result = json.loads(out)
-        assert result["errors"] == 0, result
+        result = c_report([binary, "batch", str(rig.bridge), str(rig.group), "45", *rig.paths])
         rig.check()
         return float(result["attach_s"])
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -38,7 +37,7 @@ from cnm.fastpath import netns, rtnl
 from cnm.fastpath.records import neigh_record
 from cnm.fastpath.transport import NetlinkSocket
 
-from .bench_common import build_c, record_ratio, settle
+from .bench_common import build_c, c_report, record_ratio, settle
 
 pytestmark = pytest.mark.privileged
 PEERS = int(os.environ.get("CNM_BENCH_PEERS", "10000"))
@@ -66,14 +65,7 @@ def peer_floor() -> Iterator[str]:
 
 def _floor_round(binary: str, dev: OverlayDevices) -> tuple[float, float]:
     """One add + delete of every peer by the C program, in the network's namespace."""
-    out = subprocess.run(
-        [binary, dev.key, str(dev.vxlan), str(PEERS), "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    result = json.loads(out)
-    assert result["errors"] == 0, result
+    result = c_report([binary, dev.key, str(dev.vxlan), str(PEERS), "1"])
     return float(result["add_s"]), float(result["del_s"])
 
 
