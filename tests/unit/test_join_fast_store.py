@@ -19,26 +19,15 @@ import pytest
 
 from cnm.control.store import SQLiteStore
 from cnm.control.types import EndpointRecord, SandboxRecord
-from tests.unit.test_store import _net_record
+from tests.unit.test_store import _ep_record, _net_record
 
 NET = "a" * 64
 SB = "c" * 64
 
 
 def _ep(n: int, **changes: object) -> EndpointRecord:
-    rec = EndpointRecord(
-        id=f"{n:064x}",
-        name=f"e{n}",
-        network_id=NET,
-        ipv4_address=f"10.9.0.{n + 2}/24",
-        ipv6_address=None,
-        mac_address="02:42:0a:09:00:02",
-        options={},
-        sandbox_id=None,
-        state="ready",
-        join_state="",
-        driver_data={},
-    )
+    rec = _ep_record(NET, f"e{n}", f"{n:064x}")
+    changes.setdefault("ipv4_address", f"10.9.0.{n + 2}/24")
     return dataclasses.replace(rec, **changes)  # type: ignore[arg-type]
 
 
