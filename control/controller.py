@@ -41,6 +41,7 @@ from .driverapi import (
     HostJoin,
     InterfaceInfo,
     JoinInfo,
+    KernelOnlyJoin,
     NetworkInfo,
     PortLimit,
     Restorable,
@@ -1015,142 +1016,39 @@ class NetworkController:
         targets = [_container_of(t) for _, t in pairs]
         _check_endpoints([ep for ep, _ in pairs])
         with self._lock:
-            plans: list[_JoinPlan] = []
-            new_sandboxes: dict[str, SandboxRecord] = {}
             with self._store.tx():
-                seen: set[str] = set()
-                joined_count: dict[str, int] = {}  # per network, read with its endpoint
-                # Per sandbox: the networks it is on, the interface names in use, and
-                # whether it has its gateway endpoint already (read once per sandbox,
-                # with the sandbox).
-                on_nets: dict[str, set[str]] = {}
-                used_names: dict[str, set[str]] = {}
-                has_gateway: set[str] = set()
-                # Sandboxes read, by handle id or by container id (None: none yet).
-                read: dict[tuple[bool, str], SandboxRecord | None] = {}
-                for (ep, target), cid in zip(pairs, targets, strict=True):
-                    # A Sandbox handle must still name a live sandbox; read once, it is
-                    # also the sandbox of its container (container ids are unique). A
-                    # sandbox is read with the first endpoint joining it, with the
-                    # endpoints it has.
-                    handle = target.id if isinstance(target, Sandbox) else None
-                    k = (True, handle) if handle is not None else (False, cid)
-                    first = k not in read
-                    found = self._store.join_reads(
-                        ep.id,
-                        sandbox_id=handle if first else None,
-                        container_id=cid if first and handle is None else None,
-                        known=ep.record,
+                plans, new_sandboxes, has_gateway = self._plan_joins(pairs, targets)
+                inline = self._kernel_only(plans)
+                if inline:
+                    # Every driver's join leaves only what its reconcile() removes unless
+                    # the store records the endpoint joined: the kernel work runs inside
+                    # this transaction and the join is recorded in it (one commit, no
+                    # intent; a failure or a crash rolls the store back to before it).
+                    results = self._join_kernel(plans, new_sandboxes, has_gateway, inline=True)
+                    if new_sandboxes:
+                        self._store.put_sandboxes(
+                            [replace(sb, state="ready") for sb in new_sandboxes.values()]
+                        )
+                    self._store.put_joins(
+                        [
+                            (eid, p.sandbox.id, data)
+                            for p, (eid, data) in zip(plans, results, strict=True)
+                        ]
                     )
-                    if found is None:
-                        raise errors.EndpointNotFound(ep.id)
-                    rec, net = found.endpoint, found.network
-                    if rec.id in seen:
-                        raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
-                    seen.add(rec.id)
-                    if first:
-                        read[k] = found.sandbox
-                        if found.sandbox is not None and found.sandbox.id not in on_nets:
-                            sid, present = found.sandbox.id, found.present
-                            on_nets[sid] = {nid for nid, _, _ in present} if present else set()
-                            used_names[sid] = {name for _, name, _ in present} if present else set()
-                            if any(gw for _, _, gw in present):
-                                has_gateway.add(sid)
-                    if handle is not None and read[k] is None:
-                        raise errors.SandboxNotFound(cid)
-                    if rec.state != "ready":
-                        raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
-                    if rec.join_state:
-                        raise errors.EndpointJoined(rec.name, rec.sandbox_id or "")
-                    assert net is not None
-                    joined_count.setdefault(net.id, found.joined)
-                    sb = read[k] or new_sandboxes.get(cid)
-                    if sb is None:
-                        sid = new_id()
-                        sb = SandboxRecord(
-                            id=sid,
-                            container_id=cid,
-                            key=self._namespaces.key(sid),
-                            explicit=False,
-                            hostname=None,
-                            dns=(),
-                            dns_search=(),
-                            extra_hosts=(),
-                            state="creating",
-                        )
-                        new_sandboxes[cid] = sb
-                        on_nets[sid] = set()
-                        used_names[sid] = set()
-                    elif sb.state != "ready" and cid not in new_sandboxes:
-                        raise errors.Conflict(f"sandbox of {cid!r} is {sb.state}")
-                    if net.id in on_nets[sb.id]:
-                        raise errors.Conflict(
-                            f"container {cid!r} already has an endpoint on network {net.name!r}"
-                        )
-                    on_nets[sb.id].add(net.id)
-                    ifname = free_name(used_names[sb.id], "eth")
-                    used_names[sb.id].add(ifname)
-                    plans.append(_JoinPlan(rec, net, sb, ifname))
-                self._check_ports([p.network for p in plans], joined_count)
+                else:
+                    if new_sandboxes:
+                        self._store.put_sandboxes(list(new_sandboxes.values()))
+                    self._store.put_join_intents([(p.endpoint.id, p.sandbox.id) for p in plans])
+            if not inline:
+                results = self._join_kernel(plans, new_sandboxes, has_gateway, inline=False)
                 if new_sandboxes:
-                    self._store.put_sandboxes(list(new_sandboxes.values()))
-                self._store.put_join_intents([(p.endpoint.id, p.sandbox.id) for p in plans])
-            created: list[SandboxRecord] = []
-            joined: list[_JoinPlan] = []
-            join_data: dict[str, dict[str, object]] = {}
-            try:
-                if new_sandboxes:
-                    self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
-                    created.extend(new_sandboxes.values())
-                infos = self._driver_joins(plans, joined)
-                # libnetwork's rule: one gateway endpoint per sandbox, the first joined
-                # that offers one; the others get no default route (it would clash).
-                wanted: list[_JoinPlan] = []
-                configs = []
-                for p, info in zip(plans, infos, strict=True):
-                    if info.src_name is None:
-                        continue
-                    wanted.append(p)
-                    offers = info.gateway is not None or info.gateway_ipv6 is not None
-                    gateway = offers and p.sandbox.id not in has_gateway
-                    if gateway:
-                        has_gateway.add(p.sandbox.id)
-                    join_data[p.endpoint.id] = {
-                        "gateway": gateway,
-                        "gw4": str(info.gateway) if info.gateway else None,
-                        "gw6": str(info.gateway_ipv6) if info.gateway_ipv6 else None,
-                    }
-                    if not gateway:
-                        info = replace(info, gateway=None, gateway_ipv6=None)
-                    # Made under its final name: configured without a rename.
-                    final = p.ifname if info.src_name == p.ifname else None
-                    configs.append((p.sandbox.key, _interface_config(p.endpoint, info, name=final)))
-                outcomes = self._interfaces.add(configs)
-                for p, outcome in zip(wanted, outcomes, strict=True):
-                    if isinstance(outcome, errors.CNMError):
-                        raise outcome
-                    join_data[p.endpoint.id]["ifname"] = outcome
-                for p in plans:
-                    drv = self._driver(p.network.driver)
-                    if implements(drv, ExternalConnectivity):
-                        drv.program_external_connectivity(
-                            p.network.id, p.endpoint.id, p.endpoint.options
+                    with self._store.tx():
+                        self._store.put_join_results(results)
+                        self._store.put_sandboxes(
+                            [replace(sb, state="ready") for sb in new_sandboxes.values()]
                         )
-            except BaseException as exc:
-                self._rollback_join(exc, plans, joined, created, list(new_sandboxes.values()))
-                raise
-            results = [
-                (p.endpoint.id, _with_join(p.endpoint.driver_data, join_data.get(p.endpoint.id)))
-                for p in plans
-            ]
-            if new_sandboxes:
-                with self._store.tx():
+                else:  # one write: a transaction of its own
                     self._store.put_join_results(results)
-                    self._store.put_sandboxes(
-                        [replace(sb, state="ready") for sb in new_sandboxes.values()]
-                    )
-            else:  # one write: a transaction of its own
-                self._store.put_join_results(results)
             # Without a hostname a sandbox's files do not depend on its endpoints: they
             # were written when it was made.
             rewrite = {
@@ -1163,6 +1061,165 @@ class NetworkController:
             if self._global is not None:  # global scope: publish overlay peer records
                 self._global.joined([p.endpoint for p in plans])
             return [p.sandbox.key for p in plans]
+
+    def _kernel_only(self, plans: list[_JoinPlan]) -> bool:
+        """Whether every plan's driver is registered and a KernelOnlyJoin one (asked from
+        memory: this runs inside the store's write transaction)."""
+        drivers = {p.network.driver for p in plans}
+        registered = self._registry.names()
+        return all(
+            name in registered
+            and implements(self._driver(name), KernelOnlyJoin)
+            and self._driver(name).kernel_only_joins  # type: ignore[attr-defined]
+            for name in drivers
+        )
+
+    def _plan_joins(
+        self, pairs: list[tuple[Endpoint, str | Sandbox]], targets: list[str]
+    ) -> tuple[list[_JoinPlan], dict[str, SandboxRecord], set[str]]:
+        """Inside the store's write transaction: each join's endpoint, network, sandbox
+        (new ones made up, not yet stored) and interface name, every check made; also the
+        sandboxes that have their gateway endpoint already."""
+        plans: list[_JoinPlan] = []
+        new_sandboxes: dict[str, SandboxRecord] = {}
+        seen: set[str] = set()
+        joined_count: dict[str, int] = {}  # per network, read with its endpoint
+        # Per sandbox: the networks it is on, the interface names in use, and
+        # whether it has its gateway endpoint already (read once per sandbox,
+        # with the sandbox).
+        on_nets: dict[str, set[str]] = {}
+        used_names: dict[str, set[str]] = {}
+        has_gateway: set[str] = set()
+        # Sandboxes read, by handle id or by container id (None: none yet).
+        read: dict[tuple[bool, str], SandboxRecord | None] = {}
+        for (ep, target), cid in zip(pairs, targets, strict=True):
+            # A Sandbox handle must still name a live sandbox; read once, it is
+            # also the sandbox of its container (container ids are unique). A
+            # sandbox is read with the first endpoint joining it, with the
+            # endpoints it has.
+            handle = target.id if isinstance(target, Sandbox) else None
+            k = (True, handle) if handle is not None else (False, cid)
+            first = k not in read
+            found = self._store.join_reads(
+                ep.id,
+                sandbox_id=handle if first else None,
+                container_id=cid if first and handle is None else None,
+                known=ep.record,
+            )
+            if found is None:
+                raise errors.EndpointNotFound(ep.id)
+            rec, net = found.endpoint, found.network
+            if rec.id in seen:
+                raise errors.InvalidParameter(f"endpoint {rec.name!r} appears twice")
+            seen.add(rec.id)
+            if first:
+                read[k] = found.sandbox
+                if found.sandbox is not None and found.sandbox.id not in on_nets:
+                    sid, present = found.sandbox.id, found.present
+                    on_nets[sid] = {nid for nid, _, _ in present} if present else set()
+                    used_names[sid] = {name for _, name, _ in present} if present else set()
+                    if any(gw for _, _, gw in present):
+                        has_gateway.add(sid)
+            if handle is not None and read[k] is None:
+                raise errors.SandboxNotFound(cid)
+            if rec.state != "ready":
+                raise errors.Conflict(f"endpoint {rec.name!r} is {rec.state}")
+            if rec.join_state:
+                raise errors.EndpointJoined(rec.name, rec.sandbox_id or "")
+            assert net is not None
+            joined_count.setdefault(net.id, found.joined)
+            sb = read[k] or new_sandboxes.get(cid)
+            if sb is None:
+                sid = new_id()
+                sb = SandboxRecord(
+                    id=sid,
+                    container_id=cid,
+                    key=self._namespaces.key(sid),
+                    explicit=False,
+                    hostname=None,
+                    dns=(),
+                    dns_search=(),
+                    extra_hosts=(),
+                    state="creating",
+                )
+                new_sandboxes[cid] = sb
+                on_nets[sid] = set()
+                used_names[sid] = set()
+            elif sb.state != "ready" and cid not in new_sandboxes:
+                raise errors.Conflict(f"sandbox of {cid!r} is {sb.state}")
+            if net.id in on_nets[sb.id]:
+                raise errors.Conflict(
+                    f"container {cid!r} already has an endpoint on network {net.name!r}"
+                )
+            on_nets[sb.id].add(net.id)
+            ifname = free_name(used_names[sb.id], "eth")
+            used_names[sb.id].add(ifname)
+            plans.append(_JoinPlan(rec, net, sb, ifname))
+        self._check_ports([p.network for p in plans], joined_count)
+        return plans, new_sandboxes, has_gateway
+
+    def _join_kernel(
+        self,
+        plans: list[_JoinPlan],
+        new_sandboxes: dict[str, SandboxRecord],
+        has_gateway: set[str],
+        *,
+        inline: bool,
+    ) -> list[tuple[str, dict[str, object]]]:
+        """The planned joins' namespaces, driver joins and sandbox interfaces; per plan
+        (endpoint id, its driver data with the join's). A failure rolls every part back
+        and is raised; `inline`: the caller's store transaction holds the plans (its
+        rollback undoes them), else their intents are in the store."""
+        created: list[SandboxRecord] = []
+        joined: list[_JoinPlan] = []
+        join_data: dict[str, dict[str, object]] = {}
+        try:
+            if new_sandboxes:
+                self._namespaces.create_many([sb.id for sb in new_sandboxes.values()])
+                created.extend(new_sandboxes.values())
+            infos = self._driver_joins(plans, joined)
+            # libnetwork's rule: one gateway endpoint per sandbox, the first joined
+            # that offers one; the others get no default route (it would clash).
+            wanted: list[_JoinPlan] = []
+            configs = []
+            for p, info in zip(plans, infos, strict=True):
+                if info.src_name is None:
+                    continue
+                wanted.append(p)
+                offers = info.gateway is not None or info.gateway_ipv6 is not None
+                gateway = offers and p.sandbox.id not in has_gateway
+                if gateway:
+                    has_gateway.add(p.sandbox.id)
+                join_data[p.endpoint.id] = {
+                    "gateway": gateway,
+                    "gw4": str(info.gateway) if info.gateway else None,
+                    "gw6": str(info.gateway_ipv6) if info.gateway_ipv6 else None,
+                }
+                if not gateway:
+                    info = replace(info, gateway=None, gateway_ipv6=None)
+                # Made under its final name: configured without a rename.
+                final = p.ifname if info.src_name == p.ifname else None
+                configs.append((p.sandbox.key, _interface_config(p.endpoint, info, name=final)))
+            outcomes = self._interfaces.add(configs)
+            for p, outcome in zip(wanted, outcomes, strict=True):
+                if isinstance(outcome, errors.CNMError):
+                    raise outcome
+                join_data[p.endpoint.id]["ifname"] = outcome
+            for p in plans:
+                drv = self._driver(p.network.driver)
+                if implements(drv, ExternalConnectivity):
+                    drv.program_external_connectivity(
+                        p.network.id, p.endpoint.id, p.endpoint.options
+                    )
+        except BaseException as exc:
+            self._rollback_join(
+                exc, plans, joined, created, list(new_sandboxes.values()), inline=inline
+            )
+            raise
+        return [
+            (p.endpoint.id, _with_join(p.endpoint.driver_data, join_data.get(p.endpoint.id)))
+            for p in plans
+        ]
 
     def _check_ports(
         self, networks: Sequence[NetworkRecord], joined: Mapping[str, int] | None = None
@@ -1319,7 +1376,11 @@ class NetworkController:
         joined: list[_JoinPlan],
         created: list[SandboxRecord],
         new_sandboxes: list[SandboxRecord],
+        *,
+        inline: bool = False,
     ) -> None:
+        """Undo what a failed join made, then the plans' intents (`inline`: there are
+        none, the caller's transaction rolls the store back)."""
         problems = 0
         fresh = {sb.id for sb in new_sandboxes}
         survivors = [p for p in joined if p.sandbox.id not in fresh]
@@ -1350,7 +1411,13 @@ class NetworkController:
                 problems += 1
                 exc.add_note(f"rollback: delete namespace {sb.key}: {cleanup}")
         if problems:
-            exc.add_note("the join intents stay in the store: reconcile() finishes the rollback")
+            exc.add_note(
+                "reconcile() removes what is left"
+                if inline
+                else "the join intents stay in the store: reconcile() finishes the rollback"
+            )
+            return
+        if inline:
             return
         with self._store.tx():
             self._store.put_endpoints([p.endpoint for p in plans])  # as before the intent

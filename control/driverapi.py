@@ -283,6 +283,17 @@ class BulkJoin(Protocol):
 
 
 @runtime_checkable
+class KernelOnlyJoin(Protocol):
+    """A driver whose join leaves nothing but objects on this host that its reconcile()
+    finds and removes whenever the store does not record the endpoint joined (no plugin,
+    no state elsewhere). The controller then records such a join in the transaction that
+    planned it, committed after the kernel work, with no write-ahead intent: a crash
+    before the commit leaves strays for reconcile, never a record without its devices."""
+
+    kernel_only_joins: bool
+
+
+@runtime_checkable
 class HostJoin(Protocol):
     """A driver that can join for an engine owning the sandbox itself (Docker through
     the plugin protocol): the interface is left on the host, named `src_name`, for the

@@ -100,8 +100,13 @@ class _Repairer:
         ipam = self.ctl.ipam_driver("default")
         if isinstance(ipam, DefaultIpam):
             self.ipam_orphans(ipam)
-        self.orphan_namespaces()
-        self.drivers()
+        # A KernelOnlyJoin join holds the store's write transaction from its plan to its
+        # commit, its namespaces and devices made but not recorded yet: the scans for
+        # objects nothing records run in a write transaction of their own, so they wait
+        # for such a join in flight and keep new ones out until they are done.
+        with self.store.tx():
+            self.orphan_namespaces()
+            self.drivers()
         self.store.forget_dead_owners()
         return self.report
 

@@ -166,6 +166,9 @@ class BridgeDriver(JoinsInBulk):
     capability = Capability(data_scope="local", connectivity_scope="local")
     options_type = BridgeOptions
     max_ports = MAX_PORTS
+    # A join's veth pair, BPF entry and host route are found and removed by reconcile()
+    # when the store has no joined endpoint for them (driverapi.KernelOnlyJoin).
+    kernel_only_joins = True
 
     def __init__(
         self, links: HostLinks, firewall: Firewall, accel: Accelerator | None = None

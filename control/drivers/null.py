@@ -28,6 +28,7 @@ class NullDriver:
     name = "null"
     capability = Capability(data_scope="local", connectivity_scope="local")
     options_type = NullOptions
+    kernel_only_joins = True  # a join makes nothing at all (driverapi.KernelOnlyJoin)
 
     def create_network(self, network: NetworkInfo) -> None:
         return None

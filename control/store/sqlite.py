@@ -492,6 +492,17 @@ class SQLiteStore:
             [(_json(data), self.owner, eid) for eid, data in joins],
         )
 
+    def put_joins(self, joins: list[tuple[str, str, dict[str, object]]]) -> None:
+        """Mark existing endpoints (id, sandbox id, driver data) "joined" that sandbox in
+        one write, without an intent before it: for joins whose kernel work ran inside
+        the same transaction (a crash before the commit leaves only kernel objects that
+        reconcile removes)."""
+        self._update_rows(
+            "UPDATE endpoints SET sandbox_id=?, join_state='joined', driver_data=?, owner=? "
+            "WHERE id=?",
+            [(sandbox_id, _json(data), self.owner, eid) for eid, sandbox_id, data in joins],
+        )
+
     def _update_rows(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self._lock:
             if len(rows) == 1 and not self._depth:

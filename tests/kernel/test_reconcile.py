@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -356,10 +357,32 @@ SCENARIOS: list[tuple[str, Callable[[NetworkController], None], str, dict[str, i
 ]
 
 
-@pytest.mark.parametrize(
-    ("setup", "body", "expected"),
-    [pytest.param(s, b, e, id=i) for i, s, b, e in SCENARIOS],
-)
+# The null driver's joins are KernelOnlyJoin ones: recorded in the transaction that plans
+# them, after the kernel work, with no intent. A crash before that commit leaves the store
+# as before the join, and at most namespaces made for it, which reconcile removes as
+# orphans. The join scenarios above run on the intent path (what other drivers' joins
+# take) with the driver's flag turned off in the child, and on this path: per scenario,
+# the repairs reconcile makes then.
+INTENT = "NullDriver.kernel_only_joins = False\n"
+INLINE_REPAIRS: dict[str, dict[str, int]] = {
+    "join/after-driver-join": {"orphan_namespace_removed": 1},
+    "join/before-driver-join": {"orphan_namespace_removed": 1},
+    "join/after-namespace-create": {"orphan_namespace_removed": 1},
+    "join/before-namespace-create": {},
+    "join_many/3rd-driver-join": {"orphan_namespace_removed": 5},
+    "join_many/2nd-namespace-create": {"orphan_namespace_removed": 2},
+    "join/existing-sandbox": {},
+}
+CASES = [
+    pytest.param(s, INTENT + b if i in INLINE_REPAIRS else b, e, id=i) for i, s, b, e in SCENARIOS
+] + [
+    pytest.param(s, b, INLINE_REPAIRS[i], id=f"{i}/inline")
+    for i, s, b, _ in SCENARIOS
+    if i in INLINE_REPAIRS
+]
+
+
+@pytest.mark.parametrize(("setup", "body", "expected"), CASES)
 def test_reconcile_repairs_a_crash(dirs, tmp_path, setup, body, expected) -> None:
     with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as ctl:
         setup(ctl)
@@ -374,7 +397,7 @@ def test_a_crash_inside_reconcile_is_repaired_by_the_next_one(dirs, tmp_path) ->
     crash(
         dirs,
         tmp_path,
-        "crash_before(NullDriver, 'join', nth=3)\n"
+        INTENT + "crash_before(NullDriver, 'join', nth=3)\n"
         "ctl.join_many([(e, 'c' + e.name) for e in ctl.network('n1').endpoints()])",
     )
     # Reconcile itself dies after removing the second of the five half-made namespaces.
@@ -488,6 +511,8 @@ class StubbornDriver(NullDriver):
     """The null driver whose join fails on the k-th call and whose leave fails once."""
 
     name = "stubborn"
+    # Its injected failures stand for state outside the kernel: joins take the intent path.
+    kernel_only_joins = False
 
     def __init__(self, fail_join_on: int) -> None:
         self.fail_join_on = fail_join_on
@@ -583,11 +608,18 @@ def test_reconcile_removes_a_stray_symlink_without_touching_its_target(dirs, tmp
     assert_consistent(state_dir, run_dir)
 
 
-def test_reconcile_does_not_undo_a_join_another_process_is_still_doing(dirs, tmp_path) -> None:
+@pytest.mark.parametrize("inline", [False, True], ids=["intent", "inline"])
+def test_reconcile_does_not_undo_a_join_another_process_is_still_doing(
+    dirs, tmp_path, inline: bool
+) -> None:
     """Several processes may share a state_dir (`cnm reconcile` next to a running
-    `cnm plugin serve`). An intent of a live process is work in progress, not a crash
-    left-over: reconciling must not tear down the sandbox under a join that then
-    confirms and hands its caller a key with no namespace behind it."""
+    `cnm plugin serve`). A join in flight in a live process is work in progress, not a
+    crash left-over: reconciling must not tear down the sandbox under a join that then
+    confirms and hands its caller a key with no namespace behind it.
+
+    On the intent path the intent's live owner tells reconcile to leave it be; an inline
+    join (KernelOnlyJoin) holds the store's write transaction from its plan to its commit,
+    and reconcile, which runs in one, waits for it."""
     state_dir, run_dir = dirs
     with NetworkController(state_dir=state_dir, run_dir=run_dir) as ctl:
         _setup_network(ctl)
@@ -606,7 +638,7 @@ def test_reconcile_does_not_undo_a_join_another_process_is_still_doing(dirs, tmp
             print("failed", type(exc).__name__, exc, flush=True)
         os._exit(0)
     """
-    script = _CHILD % {"crash": CRASH} + textwrap.dedent(body)
+    script = _CHILD % {"crash": CRASH} + ("" if inline else INTENT) + textwrap.dedent(body)
     child = subprocess.Popen(
         [sys.executable, "-c", script, state_dir, run_dir],
         stdin=subprocess.PIPE,
@@ -614,18 +646,31 @@ def test_reconcile_does_not_undo_a_join_another_process_is_still_doing(dirs, tmp
         text=True,
         cwd=tmp_path,
     )
+    reports: list[object] = []
+
+    def reconcile() -> None:
+        with NetworkController(state_dir=state_dir, run_dir=run_dir) as ctl:
+            reports.append(ctl.reconcile())
+
+    thread = threading.Thread(target=reconcile)
     try:
         assert child.stdout is not None and child.stdin is not None
         assert child.stdout.readline().strip() == "joining"
-        with NetworkController(state_dir=state_dir, run_dir=run_dir) as ctl:
-            ctl.reconcile()  # while the join is in flight
+        thread.start()  # while the join is in flight
+        thread.join(timeout=1.0 if inline else 60.0)
+        if inline:
+            assert thread.is_alive(), "reconcile ran while an inline join held the store"
+        else:
+            assert not thread.is_alive() and reports, "reconcile waited for the intent path"
         child.stdin.write("go\n")
         child.stdin.flush()
         outcome = child.stdout.readline().split()
+        thread.join(timeout=60.0)
+        assert not thread.is_alive() and reports
     finally:
         if child.stdin is not None:
             child.stdin.close()
         child.wait(timeout=30)
-    if outcome[0] == "key":
-        assert outcome[1] in nsfs_mounts(run_dir), "join returned a key with no namespace"
+    assert outcome[0] == "key", outcome
+    assert outcome[1] in nsfs_mounts(run_dir), "join returned a key with no namespace"
     assert_consistent(state_dir, run_dir)
