@@ -422,6 +422,52 @@ def test_after_repair_the_objects_work_again(dirs, tmp_path) -> None:
     assert_consistent(*dirs)
 
 
+@pytest.mark.parametrize("sandbox", ["new", "explicit"])
+def test_a_bridge_join_killed_midway_leaves_only_what_reconcile_removes(
+    dirs, tmp_path, sandbox: str
+) -> None:
+    """A bridge join (KernelOnlyJoin: no intent, one commit after the kernel work) killed
+    once its veth pair and the sandbox side are made: the store says not joined, and
+    reconcile removes the host end (its peer goes with it) and a namespace made for the
+    join; the join can then be done again."""
+    from cnm.control import IPAMConfig
+
+    with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as ctl:
+        net = ctl.create_network("b1", ipv4=[IPAMConfig(subnet="10.77.0.0/24")])
+        net.create_endpoint("e0")
+        if sandbox == "explicit":
+            ctl.create_sandbox("c1")
+    crash(
+        dirs,
+        tmp_path,
+        "from cnm.control.osl.interfaces import SandboxInterfaces\n"
+        "crash_after(SandboxInterfaces, 'add')\n"
+        "ctl.network('b1').endpoint('e0').join('c1')",
+    )
+    with NetworkController(state_dir=dirs[0], run_dir=dirs[1]) as ctl:
+        report = ctl.reconcile()
+        assert report.errors == []
+        expected = {"stray_host_veth_removed": 1}
+        if sandbox == "new":
+            expected["orphan_namespace_removed"] = 1
+        if ctl.ebpf == "on":  # the BPF data path had its map entry made too
+            expected["bpf_endpoint_removed"] = 1
+        assert report.kinds() == expected, report.to_dict()
+        assert ctl.reconcile().clean
+        ep = ctl.network("b1").endpoint("e0")
+        assert ep.record.join_state == "" and ep.record.sandbox_id is None
+        if sandbox == "explicit":
+            key = ctl.sandbox("c1").key
+            assert netns.run_in(key, netns.link_names) == ["lo"]  # the peer went too
+        key = ep.join("c1")
+        assert sorted(netns.run_in(key, netns.link_names)) == ["eth0", "lo"]
+        ep.delete(force=True)
+        if sandbox == "explicit":
+            ctl.sandbox("c1").delete()
+        ctl.network("b1").delete()
+    assert_consistent(*dirs)
+
+
 # --- drift without a crash -----------------------------------------------------------------
 
 
