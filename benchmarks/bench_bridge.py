@@ -9,7 +9,12 @@ the same run (never asserted):
   creation (`create` mode);
 - leave_many + delete of N vs the group-delete floor (one RTM_DELLINK for the group, then
   the namespaces unmounted).
+The bulk test runs K rounds of both variants (the floors, then cnm, in even rounds; the
+other way round in odd ones), on fresh namespaces and a fresh network each round, waiting
+for an idle machine between variants; its ratios are of the medians, each round's times are
+kept in extra_info.
 N = CNM_BENCH_CONTAINERS (default 500); the sequential test uses N // 5.
+K = CNM_BENCH_BULK_ROUNDS (default 3, at least 1).
 """
 
 from __future__ import annotations
@@ -17,22 +22,24 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cnm.control import IPAMConfig, NetworkController
+from cnm.control import Endpoint, IPAMConfig, NetworkController
 from cnm.control.bench import Progress, bench_cni
 from cnm.fastpath import bulk, netns, records, rtnl
 from cnm.fastpath.transport import socket_for
 
-from .bench_common import c_report, record_ratio, settle
+from .bench_common import c_report, record_ratio, settle, timed
 
 pytestmark = pytest.mark.privileged
 
 N = int(os.environ.get("CNM_BENCH_CONTAINERS", "500"))
 SEQ = max(5, N // 5)
 CHUNKS = 5  # the sequential floor and cnm take turns, SEQ // CHUNKS joins each
+BULK_ROUNDS = max(1, int(os.environ.get("CNM_BENCH_BULK_ROUNDS", "3")))
 
 
 def _bridge(name: str) -> int:
@@ -42,15 +49,38 @@ def _bridge(name: str) -> int:
     return next(link.index for link in links if link.name == name)
 
 
-def _floor(binary: str, mode: str, paths: list[str], tag: str) -> dict:
+def _floor_create(binary: str, paths: list[str], tag: str, group: int) -> float:
+    """The C floor's batched attach with namespace creation (`create` mode) on `paths`,
+    then its teardown (the group deleted, the namespaces unmounted): the attach time."""
     bridge = _bridge(f"brf{tag}")
-    group = 3000 + len(tag) + sum(map(ord, tag))
     try:
-        if mode != "create":
-            assert not any(netns.create_many(paths))
-        return {**_run_floor(binary, mode, bridge, group, paths), "group": group}
+        return _run_floor(binary, "create", bridge, group, paths)["attach_s"]
     finally:
         bulk.delete_group(group)
+        socket_for(None).request(rtnl.link_del(bridge))
+        for p in paths:
+            netns.delete(p)
+
+
+def _floor_group_delete(binary: str, paths: list[str], tag: str, group: int) -> float:
+    """The group-delete floor: a batched attach on new namespaces `paths` (untimed), then
+    one message for the group and the namespaces unmounted (the kernel's own batching of
+    device teardown): the time of that teardown."""
+    bridge = _bridge(f"brf{tag}")
+    attached = False
+    try:
+        assert not any(netns.create_many(paths))
+        _run_floor(binary, "batch", bridge, group, paths, octet=47)
+        attached = True
+        settle()
+        t0 = time.perf_counter()
+        bulk.delete_group(group)
+        for p in paths:
+            netns.delete(p)
+        return time.perf_counter() - t0
+    finally:
+        if not attached:
+            bulk.delete_group(group)
         socket_for(None).request(rtnl.link_del(bridge))
         for p in paths:
             netns.delete(p)
@@ -126,47 +156,83 @@ def test_sequential_join(benchmark, floor_binary: str, tmp_path: Path, run_root:
         record_ratio(benchmark, "cni_join_p50_vs_cnm", cni.join_p50_ms / 1000, ours)
 
 
+def _cnm_bulk(
+    ctl: NetworkController, r: int, join: Callable[[list[tuple[Endpoint, str]]], object]
+) -> float:
+    """One round of cnm's bulk path: N endpoints on a new network (untimed), `join` runs
+    join_many of them to N new containers (and times itself), then leave_many + delete
+    of the endpoints, timed, and the network deleted: the leave + delete time."""
+    net = ctl.create_network(f"bulk{r}", ipv4=[IPAMConfig(subnet=f"10.{211 + r % 16}.0.0/16")])
+    eps = net.create_endpoints([f"e{i}" for i in range(N)])
+    pairs = [(ep, f"c{r}-{i}") for i, ep in enumerate(eps)]
+    join(pairs)
+    settle()
+    t0 = time.perf_counter()
+    ctl.leave_many(pairs)
+    ctl.delete_endpoints(eps)
+    left = time.perf_counter() - t0
+    net.delete()
+    return left
+
+
 def test_join_many_and_leave_many(
     benchmark, floor_binary: str, tmp_path: Path, run_root: Path
 ) -> None:
-    settle()
-    floor_attach = _floor(
-        floor_binary, "create", [str(run_root / f"b{i}") for i in range(N)], "bulk"
-    )["attach_s"]
-    # The group-delete floor: a batched attach, then one message for the group and the
-    # namespaces unmounted (the kernel's own batching of device teardown).
-    settle()
-    paths = [str(run_root / f"d{i}") for i in range(N)]
-    bridge = _bridge("brfdel")
-    assert not any(netns.create_many(paths))
-    _run_floor(floor_binary, "batch", bridge, 4001, paths, octet=47)
-    settle()
-    t0 = time.perf_counter()
-    bulk.delete_group(4001)
-    for p in paths:
-        netns.delete(p)
-    floor_detach = time.perf_counter() - t0
-    socket_for(None).request(rtnl.link_del(bridge))
-    settle()
+    floor_attach: list[float] = []
+    floor_detach: list[float] = []
+    joined: list[float] = []
+    left: list[float] = []
 
-    with _controller(tmp_path, run_root, "bulk") as ctl:
-        net = ctl.create_network("bulk", ipv4=[IPAMConfig(subnet="10.211.0.0/16")])
-        eps = net.create_endpoints([f"e{i}" for i in range(N)])
-        pairs = [(ep, f"c{i}") for i, ep in enumerate(eps)]
-        joined: list[float] = []
-
-        def join_all() -> None:
-            t0 = time.perf_counter()
-            ctl.join_many(pairs)
-            joined.append(time.perf_counter() - t0)
-
-        benchmark.pedantic(join_all, rounds=1, iterations=1)
+    def floor(r: int) -> None:
+        paths = [str(run_root / f"b{r}-{i}") for i in range(N)]
+        floor_attach.append(_floor_create(floor_binary, paths, f"b{r}", 3500 + r))
         settle()
-        t0 = time.perf_counter()
-        ctl.leave_many(pairs)
-        ctl.delete_endpoints(eps)
-        left = time.perf_counter() - t0
-        net.delete()
-    benchmark.extra_info["containers"] = N
-    record_ratio(benchmark, f"join_many_{N}_vs_c_floor_with_netns", joined[0], floor_attach)
-    record_ratio(benchmark, f"leave_many_delete_{N}_vs_group_delete_floor", left, floor_detach)
+        paths = [str(run_root / f"d{r}-{i}") for i in range(N)]
+        floor_detach.append(_floor_group_delete(floor_binary, paths, f"d{r}", 4001 + r))
+
+    def cnm(r: int) -> None:
+        with _controller(tmp_path, run_root, f"bulk{r}") as ctl:
+            run = timed(ctl.join_many, joined)
+            if joined:
+                left.append(_cnm_bulk(ctl, r, run))
+            else:  # pytest-benchmark wants one pedantic call: the first join_many
+                left.append(
+                    _cnm_bulk(
+                        ctl,
+                        r,
+                        lambda pairs: benchmark.pedantic(
+                            run, args=(pairs,), rounds=1, iterations=1
+                        ),
+                    )
+                )
+
+    for r in range(BULK_ROUNDS):
+        # Floor first in even rounds, cnm first in odd ones: drift lands on both.
+        for variant in (floor, cnm) if r % 2 == 0 else (cnm, floor):
+            settle()
+            variant(r)
+    settle()
+    extra = benchmark.extra_info
+    extra["containers"] = N
+    extra["bulk_rounds"] = BULK_ROUNDS
+    rounds = {
+        f"join_many_{N}_each_s": joined,
+        f"c_floor_with_netns_{N}_each_s": floor_attach,
+        f"leave_many_delete_{N}_each_s": left,
+        f"group_delete_floor_{N}_each_s": floor_detach,
+    }
+    for key, times in rounds.items():
+        extra[key] = [round(t, 6) for t in times]
+        print(f"\n{key}: " + ", ".join(f"{t * 1000:.1f}" for t in times) + " ms")
+    record_ratio(
+        benchmark,
+        f"join_many_{N}_vs_c_floor_with_netns",
+        statistics.median(joined),
+        statistics.median(floor_attach),
+    )
+    record_ratio(
+        benchmark,
+        f"leave_many_delete_{N}_vs_group_delete_floor",
+        statistics.median(left),
+        statistics.median(floor_detach),
+    )
