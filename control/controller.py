@@ -1050,12 +1050,9 @@ class NetworkController:
                 else:  # one write: a transaction of its own
                     self._store.put_join_results(results)
             # Without a hostname a sandbox's files do not depend on its endpoints: they
-            # were written when it was made.
-            rewrite = {
-                p.sandbox.id
-                for p in plans
-                if p.sandbox.hostname or p.sandbox.container_id in new_sandboxes
-            }
+            # were written when it was made (those made here: now, from their records).
+            self._write_new_files([sb for sb in new_sandboxes.values() if not sb.hostname])
+            rewrite = {p.sandbox.id for p in plans if p.sandbox.hostname}
             if rewrite:
                 self._write_files(rewrite)
             if self._global is not None:  # global scope: publish overlay peer records
@@ -1581,6 +1578,23 @@ class NetworkController:
             gone.append(sb.id)
             remove_files(self.run_dir, sb.id)
         self._store.delete_sandboxes(gone)
+
+    def _write_new_files(self, sandboxes: Iterable[SandboxRecord]) -> None:
+        """Write the files of sandboxes made just now, without a hostname, from their
+        records in hand (no store reads): their hosts lists no endpoint address."""
+        for sb in sandboxes:
+            try:
+                write_files(
+                    self.run_dir,
+                    sb.id,
+                    hostname=sb.hostname,
+                    addresses=(),
+                    extra_hosts=sb.extra_hosts,
+                    dns=sb.dns,
+                    dns_search=sb.dns_search,
+                )
+            except OSError as exc:
+                _log.warning("sandbox %s: cannot write its files: %s", sb.id[:12], exc)
 
     def _write_files(self, sandbox_ids: Iterable[str]) -> None:
         """Rewrite the hosts / resolv.conf / hostname files of these sandboxes."""

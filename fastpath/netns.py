@@ -39,6 +39,10 @@ NS_GET_NSTYPE = 0xB703
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
+_IFF_LOOPBACK = 0x8
+# SIOCSIFFLAGS for a loopback born just now: its flags are IFF_LOOPBACK alone, so one
+# ioctl sets IFF_UP without reading them first.
+_LO_UP_REQUEST = struct.pack("16sH22x", b"lo", _IFF_LOOPBACK | _IFF_UP)
 
 _ffi = cffi.FFI()
 _ffi.cdef(
@@ -112,6 +116,13 @@ def _set_link_up(name: str) -> None:
             fcntl.ioctl(
                 s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", name.encode(), flags | _IFF_UP)
             )
+
+
+def loopback_up(fd: int) -> None:
+    """Bring up the loopback of a namespace created just now (whose loopback was never
+    touched), with one SIOCSIFFLAGS ioctl on `fd`: any socket opened inside it, e.g. the
+    netlink socket a `prepare` opens there anyway."""
+    fcntl.ioctl(fd, _SIOCSIFFLAGS, _LO_UP_REQUEST)
 
 
 class NamespaceWorker:
@@ -190,12 +201,15 @@ class NamespaceWorker:
         self._jobs.put((fn, fut))
         return fut.result()
 
-    def create(self, path: str, prepare: Callable[[str], None] | None = None) -> None:
+    def create(
+        self, path: str, prepare: Callable[[str], None] | None = None, *, loopback: bool = True
+    ) -> None:
         """Create a new network namespace bind-mounted at `path`, loopback up.
 
         `prepare(path)`, if given, runs inside the new namespace before the worker comes
-        home (sysctls, a socket opened there). `path` must not exist. On any failure
-        nothing is left behind.
+        home (sysctls, a socket opened there). With `loopback=False` the prepare brings
+        loopback up itself (`loopback_up` on a socket it opens there anyway). `path` must
+        not exist. On any failure nothing is left behind.
         """
 
         def job() -> None:
@@ -207,7 +221,8 @@ class NamespaceWorker:
                     unshare(CLONE_NEWNET)
                     mount("/proc/thread-self/ns/net", path, None, MS_BIND)
                     mounted = True
-                    _set_link_up("lo")
+                    if loopback:
+                        _set_link_up("lo")
                     if prepare is not None:
                         prepare(path)
             except BaseException:
@@ -238,9 +253,14 @@ class NamespaceWorker:
         return self.submit(job)
 
     def create_many(
-        self, paths: Sequence[str], prepare: Callable[[str], None] | None = None
+        self,
+        paths: Sequence[str],
+        prepare: Callable[[str], None] | None = None,
+        *,
+        loopback: bool = True,
     ) -> list[BaseException | None]:
-        """Create many namespaces in one job (one thread hand-off in all).
+        """Create many namespaces in one job (one thread hand-off in all); `prepare` and
+        `loopback` as for `create`.
 
         Returns, per path, None or the error that path met; a failed path leaves nothing.
         """
@@ -249,7 +269,7 @@ class NamespaceWorker:
             out: list[BaseException | None] = []
             for path in paths:
                 try:
-                    self.create(path, prepare)
+                    self.create(path, prepare, loopback=loopback)
                     out.append(None)
                 except OSError as exc:
                     out.append(exc)
@@ -305,9 +325,12 @@ def worker() -> NamespaceWorker:
         return _worker
 
 
-def create(path: str, prepare: Callable[[str], None] | None = None) -> None:
-    """Create a network namespace bind-mounted at `path` with loopback up."""
-    worker().create(path, prepare)
+def create(
+    path: str, prepare: Callable[[str], None] | None = None, *, loopback: bool = True
+) -> None:
+    """Create a network namespace bind-mounted at `path` with loopback up (by `prepare`
+    when `loopback=False`; see NamespaceWorker.create)."""
+    worker().create(path, prepare, loopback=loopback)
 
 
 def enter_throwaway_host() -> None:
@@ -325,10 +348,10 @@ def enter_throwaway_host() -> None:
 
 
 def create_many(
-    paths: Sequence[str], prepare: Callable[[str], None] | None = None
+    paths: Sequence[str], prepare: Callable[[str], None] | None = None, *, loopback: bool = True
 ) -> list[BaseException | None]:
     """Create many namespaces at once; per path None or its error (see NamespaceWorker)."""
-    return worker().create_many(paths, prepare)
+    return worker().create_many(paths, prepare, loopback=loopback)
 
 
 def each(fds: Sequence[int], fn: Callable[[int], T]) -> list[T | BaseException]:

@@ -29,6 +29,7 @@ import random
 import resource
 import socket
 import struct
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -145,19 +146,36 @@ def _extack(msg: Message) -> str:
     return ""
 
 
+_package = sys.modules[__package__]  # cnm.fastpath, read at call time (tests patch it)
+_backends: dict[tuple[str | None, str | None, bool], tuple[str, ModuleType]] = {}
+
+
+def _backend(requested: str | None) -> tuple[str, ModuleType]:
+    """The backend and codec module of a request, resolved once per set of what decides
+    it (the request, $CNM_FASTPATH when there is none, the native codec being built):
+    sockets are opened one per sandbox."""
+    key = (
+        requested,
+        None if requested else os.environ.get("CNM_FASTPATH"),
+        _package.native_available(),
+    )
+    found = _backends.get(key)
+    if found is None:
+        name = _package.select_backend(requested)
+        found = _backends[key] = (name, _select_codec(name))
+    return found
+
+
 class NetlinkSocket:
     """A NETLINK_ROUTE socket bound to one network namespace (thread-safe)."""
 
     def __init__(self, netns_path: str | None = None, *, backend: str | None = None) -> None:
-        from . import select_backend
-
         self.netns_path = netns_path
-        self.backend = select_backend(backend)
-        self.codec: ModuleType = _select_codec(self.backend)
+        self.backend, self.codec = _backend(backend)
         self._sock = (
             _open_socket() if netns_path is None else netns.run_in(netns_path, _open_socket)
         )
-        self._seq = random.randrange(1, 1 << 30)
+        self._seq = random.getrandbits(30) or 1
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -349,13 +367,22 @@ def _cache_limit() -> int:
     return max(16, soft // FD_SHARE)
 
 
+_limit = 0  # _cache_limit() as last read; read again whenever the cache grows past it
+
+
 def _remember(key: tuple[str | None, int, int, str], sock: NetlinkSocket) -> None:
     """Cache `sock` (lock held), evicting the least recently used sandbox sockets.
 
+    The limit is read again only when the cache grows past the last one read (so a limit
+    raised since is seen before anything is evicted), not on every socket.
     An evicted socket is only dropped from the cache, not closed: a thread may still be
     using it; it closes when its last user lets go of it (NetlinkSocket.__del__)."""
+    global _limit
     _sockets[key] = sock
-    excess = len(_sockets) - _cache_limit()
+    if len(_sockets) <= _limit:
+        return
+    _limit = _cache_limit()
+    excess = len(_sockets) - _limit
     if excess > 0:
         for old in [k for k in _sockets if k[0] is not None and k != key][:excess]:
             del _sockets[old]
@@ -388,9 +415,7 @@ def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> 
 def adopt_current(netns_path: str, *, backend: str | None = None) -> NetlinkSocket:
     """Open and cache the socket of `netns_path` from a thread that is inside that
     namespace now (the namespace worker, right after creating it): no extra hop."""
-    from . import select_backend
-
-    name = select_backend(backend)
+    name = _backend(backend)[0]
     sock = NetlinkSocket(None, backend=name)
     sock.netns_path = netns_path
     key = (netns_path, *_identity(netns_path), name)

@@ -3,7 +3,7 @@
 Owns run_dir/sandboxes/<sandbox id>/, written from the sandbox's options (hostname,
 extra hosts, DNS servers, search domains) and its endpoints' addresses, as libnetwork's
 sandbox options provide; rewritten on every join and leave when their content changes,
-each file atomically.
+each file atomically (in a directory made just now, simply written: nobody reads it yet).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ def sandbox_dir(run_dir: str, sandbox_id: str) -> str:
 
 def _write(path: str, text: str, *, unless_same: bool = False, fresh: bool = False) -> None:
     if fresh:  # in a directory made just now: nobody can be reading it yet
-        with open(path, "w") as f:
-            f.write(text)
+        _create(path, text.encode())
         return
     if unless_same:
         # Reading is far cheaper than an atomic rewrite (a new inode and a rename).
@@ -36,6 +35,18 @@ def _write(path: str, text: str, *, unless_same: bool = False, fresh: bool = Fal
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _create(path: str, data: bytes) -> None:
+    """Write `data` to `path` with plain os calls, as open(path, "w") would (created with
+    mode 0666 less the umask, or truncated)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 _nameservers: dict[str, tuple[tuple[int, int, int], list[str]]] = {}
@@ -74,7 +85,10 @@ def write_files(
     dns: Sequence[str],
     dns_search: Sequence[str],
 ) -> str:
-    """Write the sandbox's files (hosts every time); returns their directory."""
+    """Write the sandbox's files (hosts every time); returns their directory.
+
+    For a sandbox made just now its directory is new: each file is simply created and
+    written (no temporary file, no rename, nothing to compare)."""
     d = sandbox_dir(run_dir, sandbox_id)
     try:
         os.mkdir(d, 0o755)

@@ -381,10 +381,10 @@ def test_join_many_failing_to_make_a_namespace_rolls_back(ctl, run_dir, monkeypa
     real = worker.create
     made: list[str] = []
 
-    def create(path: str, prepare=None) -> None:
+    def create(path: str, prepare=None, **kwargs) -> None:
         if len(made) == 2:
             raise OSError(errno.ENOSPC, "injected namespace failure")
-        real(path, prepare)
+        real(path, prepare, **kwargs)
         made.append(path)
 
     monkeypatch.setattr(worker, "create", create)
