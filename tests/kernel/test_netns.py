@@ -82,6 +82,42 @@ def test_create_makes_a_bind_mounted_namespace_with_only_loopback_up(tmp_path, h
     assert_fresh_loopback_only(other)
 
 
+def test_create_many_splits_a_big_batch_over_two_workers(tmp_path, home) -> None:
+    """From PARALLEL_CREATE_MIN paths on, two worker threads make the namespaces at once
+    (on a host with more than one CPU): each path gets its own namespace with loopback up,
+    a path that fails gets its error at its own index and nothing behind it, and every
+    thread comes home."""
+    n = netns.PARALLEL_CREATE_MIN + 8
+    paths = [str(tmp_path / f"p{i}") for i in range(n)]
+    taken = paths[n - 3]  # in the second half
+    with open(taken, "w") as f:
+        f.write("keep me")
+    threads: dict[str, str] = {}
+
+    def prepare(path: str) -> None:
+        threads[path] = threading.current_thread().name
+
+    outcomes = netns.create_many(paths, prepare)
+    assert [type(o) for o in outcomes] == [
+        FileExistsError if p == taken else type(None) for p in paths
+    ]
+    mounts = nsfs_mounts(tmp_path)
+    assert sorted(mounts) == sorted(p for p in paths if p != taken)
+    assert len(set(mounts.values())) == n - 1 and home not in mounts.values()
+    for p in (paths[0], paths[-1]):
+        assert_fresh_loopback_only(p)
+    with open(taken) as f:
+        assert f.read() == "keep me"
+    if len(os.sched_getaffinity(0)) > 1:
+        first = {threads[p] for p in paths[: (n + 1) // 2]}
+        second = {threads[p] for p in paths[(n + 1) // 2 :] if p != taken}
+        assert len(first) == len(second) == 1 and first != second, threads
+    assert set(thread_namespaces().values()) == {home}
+    for p in paths:
+        if p != taken:
+            netns.delete(p)
+
+
 def test_create_at_an_existing_file_fails_and_leaves_it_alone(tmp_path, home) -> None:
     path = tmp_path / "taken"
     path.write_text("keep me")
