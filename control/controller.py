@@ -1062,14 +1062,14 @@ class NetworkController:
     def _kernel_only(self, plans: list[_JoinPlan]) -> bool:
         """Whether every plan's driver is registered and a KernelOnlyJoin one (asked from
         memory: this runs inside the store's write transaction)."""
-        drivers = {p.network.driver for p in plans}
         registered = self._registry.names()
-        return all(
-            name in registered
-            and implements(self._driver(name), KernelOnlyJoin)
-            and self._driver(name).kernel_only_joins  # type: ignore[attr-defined]
-            for name in drivers
-        )
+        for name in {p.network.driver for p in plans}:
+            if name not in registered:
+                return False
+            drv: Any = self._driver(name)
+            if not (implements(drv, KernelOnlyJoin) and drv.kernel_only_joins):
+                return False
+        return True
 
     def _plan_joins(
         self, pairs: list[tuple[Endpoint, str | Sandbox]], targets: list[str]
@@ -1583,18 +1583,7 @@ class NetworkController:
         """Write the files of sandboxes made just now, without a hostname, from their
         records in hand (no store reads): their hosts lists no endpoint address."""
         for sb in sandboxes:
-            try:
-                write_files(
-                    self.run_dir,
-                    sb.id,
-                    hostname=sb.hostname,
-                    addresses=(),
-                    extra_hosts=sb.extra_hosts,
-                    dns=sb.dns,
-                    dns_search=sb.dns_search,
-                )
-            except OSError as exc:
-                _log.warning("sandbox %s: cannot write its files: %s", sb.id[:12], exc)
+            self._write_sandbox_files(sb, ())
 
     def _write_files(self, sandbox_ids: Iterable[str]) -> None:
         """Rewrite the hosts / resolv.conf / hostname files of these sandboxes."""
@@ -1608,18 +1597,23 @@ class NetworkController:
                     addresses += [
                         ipaddress.ip_interface(a) for a in (ep.ipv4_address, ep.ipv6_address) if a
                     ]
-            try:
-                write_files(
-                    self.run_dir,
-                    sid,
-                    hostname=sb.hostname,
-                    addresses=addresses,
-                    extra_hosts=sb.extra_hosts,
-                    dns=sb.dns,
-                    dns_search=sb.dns_search,
-                )
-            except OSError as exc:
-                _log.warning("sandbox %s: cannot write its files: %s", sid[:12], exc)
+            self._write_sandbox_files(sb, addresses)
+
+    def _write_sandbox_files(self, sb: SandboxRecord, addresses: Sequence[IPInterface]) -> None:
+        """One sandbox's files from its record and its joined endpoints' addresses; a
+        failure is logged (the files are a convenience for the container, not state)."""
+        try:
+            write_files(
+                self.run_dir,
+                sb.id,
+                hostname=sb.hostname,
+                addresses=addresses,
+                extra_hosts=sb.extra_hosts,
+                dns=sb.dns,
+                dns_search=sb.dns_search,
+            )
+        except OSError as exc:
+            _log.warning("sandbox %s: cannot write its files: %s", sb.id[:12], exc)
 
     def _delete_sandbox(self, sandbox: Sandbox) -> None:
         with self._lock:
