@@ -102,11 +102,14 @@ class _Repairer:
             self.ipam_orphans(ipam)
         # A KernelOnlyJoin join holds the store's write transaction from its plan to its
         # commit, its namespaces and devices made but not recorded yet: the scans for
-        # objects nothing records run in a write transaction of their own, so they wait
-        # for such a join in flight and keep new ones out until they are done.
+        # objects nothing records (orphan namespaces, those drivers' own) run in a write
+        # transaction of their own, so they wait for such a join in flight and keep new
+        # ones out until they are done. Other drivers (which may wait on a plugin or on
+        # etcd) check theirs outside it, as before.
         with self.store.tx():
             self.orphan_namespaces()
-            self.drivers()
+            self.drivers(kernel_only=True)
+        self.drivers(kernel_only=False)
         self.store.forget_dead_owners()
         return self.report
 
@@ -342,12 +345,16 @@ class _Repairer:
                 remove_files(self.ctl.run_dir, sid)
                 self.report.add("orphan_sandbox_files_removed", sid)
 
-    def drivers(self) -> None:
+    def drivers(self, *, kernel_only: bool) -> None:
+        """The reconcile of each driver that has one: the KernelOnlyJoin ones, or the
+        others."""
         nets = self.store.networks()
         eps = self.store.endpoints()
         for name in self.ctl.drivers():
             drv = self.driver(name)
             if not isinstance(drv, Reconcilable):
+                continue
+            if bool(getattr(drv, "kernel_only_joins", False)) != kernel_only:
                 continue
             mine = [n for n in nets if n.driver == name]
             for n in mine:
