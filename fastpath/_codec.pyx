@@ -481,6 +481,267 @@ def encode_neighbours(template, entries, first_seq, last_flags=0):
         free(b.data)
 
 
+# --- one container's attach: the host end's batch and the container end's ------------
+# The same bytes as the generic builders (rtnl.veth + rtnl.bridge_port; rtnl.link_set,
+# addr_add, route_add) laid out by encode() with the transport's sequence numbers and
+# flags (fastpath/attach.py builds those as the reference; tests compare), without a
+# Message or Attr object per request: a sequential join's two batches.
+
+cdef int _RTM_NEWLINK = _m.RTM_NEWLINK
+cdef int _RTM_NEWADDR = _m.RTM_NEWADDR
+cdef int _RTM_NEWROUTE = _m.RTM_NEWROUTE
+cdef uint32_t _F_REQUEST = _m.NLM_F_REQUEST
+cdef uint32_t _F_CREATE = _m.NLM_F_REQUEST | _m.NLM_F_CREATE | _m.NLM_F_EXCL
+cdef uint32_t _F_ACK = _m.NLM_F_ACK
+
+
+cdef inline Py_ssize_t _msg_begin(Buf* b) except -1:
+    cdef Py_ssize_t start = b.len
+    _zeros(b, 16)
+    return start
+
+
+cdef inline int _msg_end(Buf* b, Py_ssize_t start, int mtype, uint32_t flags, uint32_t seq) except -1:
+    cdef uint32_t nlhdr32[4]
+    cdef uint16_t* nlhdr16 = <uint16_t*>&nlhdr32[1]
+    nlhdr32[0] = <uint32_t>(b.len - start)
+    nlhdr16[0] = <uint16_t>mtype
+    nlhdr16[1] = <uint16_t>flags
+    nlhdr32[2] = seq
+    nlhdr32[3] = 0
+    memcpy(b.data + start, nlhdr32, 16)
+    return 0
+
+
+cdef inline int _ifinfo_hdr(Buf* b, int32_t index, uint32_t flags, uint32_t change) except -1:
+    cdef unsigned char h[16]
+    memset(h, 0, 16)
+    memcpy(h + 4, &index, 4)
+    memcpy(h + 8, &flags, 4)
+    memcpy(h + 12, &change, 4)
+    return _put(b, h, 16)
+
+
+cdef inline int _nla_raw(Buf* b, int atype, const void* p, Py_ssize_t n) except -1:
+    cdef uint16_t hdr[2]
+    if n > 0xFFFF - 4:
+        raise EncodeError(f"attribute {atype} is {n + 4} bytes, over 65535")
+    hdr[0] = <uint16_t>(n + 4)
+    hdr[1] = <uint16_t>atype
+    _put(b, hdr, 4)
+    _put(b, p, n)
+    _zeros(b, (4 - (n & 3)) & 3)
+    return 0
+
+
+cdef inline int _nla_u32(Buf* b, int atype, object value) except -1:
+    cdef uint32_t v
+    try:
+        v = value
+    except (OverflowError, TypeError) as exc:
+        raise EncodeError(f"attribute {atype}: {value!r}: {exc}") from None
+    return _nla_raw(b, atype, &v, 4)
+
+
+cdef inline int _nla_u8(Buf* b, int atype, uint8_t v) except -1:
+    return _nla_raw(b, atype, &v, 1)
+
+
+cdef int _nla_str(Buf* b, int atype, object value) except -1:
+    cdef Py_ssize_t size
+    cdef const char* utf8
+    cdef Py_ssize_t start = b.len
+    cdef uint16_t hdr[2]
+    if not PyUnicode_Check(value):
+        raise EncodeError(f"attribute {atype}: not a str: {value!r}")
+    utf8 = PyUnicode_AsUTF8AndSize(value, &size)
+    if size + 5 > 0xFFFF:
+        raise EncodeError(f"attribute {atype} is {size + 5} bytes, over 65535")
+    hdr[0] = <uint16_t>(size + 5)
+    hdr[1] = <uint16_t>atype
+    _put(b, hdr, 4)
+    _put(b, utf8, size)
+    _zeros(b, 1)
+    _zeros(b, (4 - ((size + 5) & 3)) & 3)
+    return 0
+
+
+cdef inline Py_ssize_t _nest_begin(Buf* b) except -1:
+    cdef Py_ssize_t start = b.len
+    _zeros(b, 4)
+    return start
+
+
+cdef inline int _nest_end(Buf* b, Py_ssize_t start, int atype) except -1:
+    cdef uint16_t hdr[2]
+    cdef Py_ssize_t length = b.len - start
+    if length > 0xFFFF:
+        raise EncodeError(f"attribute {atype} is {length} bytes, over 65535")
+    hdr[0] = <uint16_t>length
+    hdr[1] = <uint16_t>atype
+    memcpy(b.data + start, hdr, 4)
+    return 0
+
+
+def encode_veth_join(first_seq, name, peer_name, peer_fd, master, mtu, group, queues,
+                     hairpin, isolated):
+    """The host end's batch of a join: the veth pair (host end `name` up, on `master`,
+    in `group`; the peer `peer_name` made inside the namespace of `peer_fd`; `mtu` and
+    `queues` on both ends; None leaves a setting out), then, when `hairpin` or
+    `isolated`, the bridge-port settings; sequence numbers from `first_seq`, the ACK
+    asked on the last request."""
+    cdef Buf b
+    cdef Py_ssize_t msg, linkinfo, data, peer
+    cdef uint32_t seq = first_seq
+    cdef bint port = bool(hairpin) or bool(isolated)
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+    try:
+        _reserve(&b, 512)
+        msg = _msg_begin(&b)
+        _ifinfo_hdr(&b, 0, _m.IFF_UP, _m.IFF_UP)
+        _nla_str(&b, _m.IFLA_IFNAME, name)
+        if mtu is not None:
+            _nla_u32(&b, _m.IFLA_MTU, mtu)
+        if master is not None:
+            _nla_u32(&b, _m.IFLA_MASTER, master)
+        if group is not None:
+            _nla_u32(&b, _m.IFLA_GROUP, group)
+        if queues is not None:
+            _nla_u32(&b, _m.IFLA_NUM_TX_QUEUES, queues)
+            _nla_u32(&b, _m.IFLA_NUM_RX_QUEUES, queues)
+        linkinfo = _nest_begin(&b)
+        _nla_str(&b, _m.IFLA_INFO_KIND, "veth")
+        data = _nest_begin(&b)
+        peer = _nest_begin(&b)
+        _ifinfo_hdr(&b, 0, 0, 0)
+        _nla_str(&b, _m.IFLA_IFNAME, peer_name)
+        if mtu is not None:
+            _nla_u32(&b, _m.IFLA_MTU, mtu)
+        _nla_u32(&b, _m.IFLA_NET_NS_FD, peer_fd)
+        if queues is not None:
+            _nla_u32(&b, _m.IFLA_NUM_TX_QUEUES, queues)
+            _nla_u32(&b, _m.IFLA_NUM_RX_QUEUES, queues)
+        _nest_end(&b, peer, _m.VETH_INFO_PEER)
+        _nest_end(&b, data, _m.IFLA_INFO_DATA)
+        _nest_end(&b, linkinfo, _m.IFLA_LINKINFO)
+        _msg_end(&b, msg, _RTM_NEWLINK, _F_CREATE | (0 if port else _F_ACK), seq)
+        if port:
+            msg = _msg_begin(&b)
+            _ifinfo_hdr(&b, 0, 0, 0)
+            _nla_str(&b, _m.IFLA_IFNAME, name)
+            linkinfo = _nest_begin(&b)
+            data = _nest_begin(&b)
+            if hairpin:
+                _nla_u8(&b, _m.IFLA_BRPORT_MODE, 1)
+            if isolated:
+                _nla_u8(&b, _m.IFLA_BRPORT_ISOLATED, 1)
+            _nest_end(&b, data, _m.IFLA_INFO_SLAVE_DATA)
+            _nest_end(&b, linkinfo, _m.IFLA_LINKINFO)
+            _msg_end(&b, msg, _RTM_NEWLINK, _F_REQUEST | _F_ACK, seq + 1)
+        return b.data[:b.len]
+    finally:
+        free(b.data)
+
+
+def encode_link_config(first_seq, index, mtu, addresses, mac, routes):
+    """The container end's batch of a join, for link `index` made under its final name:
+    its MTU (None: left alone), each address of `addresses` ((packed address, prefix
+    length); no DAD for IPv6, the broadcast address for IPv4 shorter than /31), up with
+    `mac` (None: the kernel's), then each route of `routes` ((packed destination, prefix
+    length, packed gateway or None)) through it; sequence numbers from `first_seq`, the
+    ACK asked on the last request."""
+    cdef Buf b
+    cdef Py_ssize_t msg, n, total, k = 0
+    cdef uint32_t seq = first_seq
+    cdef int32_t idx
+    cdef unsigned char ifa[8]
+    cdef unsigned char rtm[12]
+    cdef unsigned char brd[4]
+    cdef uint32_t host, addr_be
+    cdef int prefixlen
+    cdef bytes packed, gw, dst, ll
+    try:
+        idx = index
+    except (OverflowError, TypeError) as exc:
+        raise EncodeError(f"link index {index!r}: {exc}") from None
+    total = (1 if mtu is not None else 0) + len(addresses) + 1 + len(routes)
+    b.data = NULL
+    b.len = 0
+    b.cap = 0
+    try:
+        _reserve(&b, 128 * total + 64)
+        if mtu is not None:
+            msg = _msg_begin(&b)
+            _ifinfo_hdr(&b, idx, 0, 0)
+            _nla_u32(&b, _m.IFLA_MTU, mtu)
+            k += 1
+            _msg_end(&b, msg, _RTM_NEWLINK, _F_REQUEST | (_F_ACK if k == total else 0), seq)
+            seq += 1
+        for packed, prefixlen in addresses:
+            n = PyBytes_GET_SIZE(packed)
+            if n != 4 and n != 16:
+                raise EncodeError(f"address of {n} bytes")
+            msg = _msg_begin(&b)
+            memset(ifa, 0, 8)
+            ifa[0] = <uint8_t>(_AF_INET if n == 4 else _AF_INET6)
+            ifa[1] = <uint8_t>prefixlen
+            ifa[2] = <uint8_t>(0 if n == 4 else _m.IFA_F_NODAD)
+            memcpy(ifa + 4, &idx, 4)
+            _put(&b, ifa, 8)
+            _nla_raw(&b, _m.IFA_LOCAL, PyBytes_AS_STRING(packed), n)
+            _nla_raw(&b, _m.IFA_ADDRESS, PyBytes_AS_STRING(packed), n)
+            if n == 4 and prefixlen < 31:
+                memcpy(&addr_be, PyBytes_AS_STRING(packed), 4)
+                host = 0xFFFFFFFF >> prefixlen
+                # The host bits all set, in network byte order.
+                brd[0] = (<unsigned char*>&addr_be)[0] | <unsigned char>(host >> 24)
+                brd[1] = (<unsigned char*>&addr_be)[1] | <unsigned char>(host >> 16)
+                brd[2] = (<unsigned char*>&addr_be)[2] | <unsigned char>(host >> 8)
+                brd[3] = (<unsigned char*>&addr_be)[3] | <unsigned char>host
+                _nla_raw(&b, _m.IFA_BROADCAST, brd, 4)
+            k += 1
+            _msg_end(&b, msg, _RTM_NEWADDR, _F_CREATE | (_F_ACK if k == total else 0), seq)
+            seq += 1
+        msg = _msg_begin(&b)
+        _ifinfo_hdr(&b, idx, _m.IFF_UP, _m.IFF_UP)
+        if mac is not None:
+            ll = _lladdr(mac)
+            _nla_raw(&b, _m.IFLA_ADDRESS, PyBytes_AS_STRING(ll), PyBytes_GET_SIZE(ll))
+        k += 1
+        _msg_end(&b, msg, _RTM_NEWLINK, _F_REQUEST | (_F_ACK if k == total else 0), seq)
+        seq += 1
+        for dst, prefixlen, gw in routes:
+            n = PyBytes_GET_SIZE(dst) if prefixlen else (4 if gw is None else PyBytes_GET_SIZE(gw))
+            if gw is None and not prefixlen:
+                raise EncodeError("a route needs a destination or a gateway")
+            msg = _msg_begin(&b)
+            memset(rtm, 0, 12)
+            rtm[0] = <uint8_t>(_AF_INET if n == 4 else _AF_INET6)
+            rtm[1] = <uint8_t>prefixlen
+            rtm[4] = <uint8_t>_m.RT_TABLE_MAIN
+            rtm[5] = <uint8_t>_m.RTPROT_STATIC
+            rtm[6] = <uint8_t>(_m.RT_SCOPE_LINK if gw is None else _m.RT_SCOPE_UNIVERSE)
+            rtm[7] = <uint8_t>_m.RTN_UNICAST
+            _put(&b, rtm, 12)
+            if prefixlen:
+                _nla_raw(&b, _m.RTA_DST, PyBytes_AS_STRING(dst), PyBytes_GET_SIZE(dst))
+            if gw is not None:
+                _nla_raw(&b, _m.RTA_GATEWAY, PyBytes_AS_STRING(gw), PyBytes_GET_SIZE(gw))
+            _nla_raw(&b, _m.RTA_OIF, &idx, 4)
+            k += 1
+            _msg_end(&b, msg, _RTM_NEWROUTE, _F_CREATE | (_F_ACK if k == total else 0), seq)
+            seq += 1
+        return b.data[:b.len]
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot lay out the link's configuration: {exc}") from None
+    finally:
+        free(b.data)
+
+
 # --- decoding --------------------------------------------------------------------------
 
 cdef inline uint16_t _u16(const unsigned char* p):

@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -106,6 +106,25 @@ class _Requests(Sequence[Message]):
 
     def __getitem__(self, index: int) -> Message:  # type: ignore[override]
         return self.batch.message(index - self.offset)
+
+
+class _Lazy(Sequence[Message]):
+    """Requests built on first use (only a failure names its request)."""
+
+    def __init__(self, build: Callable[[], Sequence[Message]]) -> None:
+        self._build = build
+        self._built: Sequence[Message] | None = None
+
+    def _all(self) -> Sequence[Message]:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, index: int) -> Message:  # type: ignore[override]
+        return self._all()[index]
 
 
 _local = threading.local()
@@ -250,6 +269,25 @@ class NetlinkSocket:
                 self._sock.send(data)
                 self._collect(first, count, start, requests, result)
                 start += count
+        return result
+
+    def execute_encoded(
+        self,
+        count: int,
+        layout: Callable[[int], bytes],
+        requests: Callable[[], Sequence[Message]],
+    ) -> BatchResult:
+        """Send `count` requests laid out by `layout(first sequence number)` as one chunk
+        (numbered from there, the ACK asked on the last: what `execute` would send for
+        them), with `execute`'s error mapping; `requests()` builds the Messages only to
+        name a failed one. For a small batch encoded in one call (fastpath/attach.py)."""
+        result = BatchResult(count)
+        with self._lock:
+            first = self._seq if self._seq + count < 0x7FFFFFFF else 1
+            data = layout(first)
+            self._seq = first + count
+            self._sock.send(data)
+            self._collect(first, count, 0, _Lazy(requests), result)
         return result
 
     def execute_neighbours(self, batches: Sequence[rtnl.NeighBatch]) -> BatchResult:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cnm.fastpath import bulk, netns, records, rtnl
+from cnm.fastpath import attach, bulk, netns, records, rtnl
 from cnm.fastpath.messages import Message
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
@@ -79,12 +79,15 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
         # the message that brings it up (the kernel applies it before the flags), so
         # the batch has as many messages as the floor's: addresses, up, routes. An MTU
         # comes first (an IPv6 address needs the MTU it will live with).
-        idx = sock.ifindex(cfg.name)
-        reqs = [rtnl.link_set(idx, mtu=cfg.mtu)] if cfg.mtu is not None else []
-        reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
-        reqs.append(rtnl.link_set(idx, up=True, mac=cfg.mac))
-        _add_routes(reqs, idx, cfg)
-        sock.execute(reqs).raise_first()
+        link = attach.LinkConfig(
+            index=sock.ifindex(cfg.name),
+            mtu=cfg.mtu,
+            addresses=cfg.addresses,
+            mac=cfg.mac,
+            routes=attach.default_routes(cfg.gateway, cfg.gateway6)
+            + tuple((r.destination, r.gateway) for r in cfg.routes),
+        )
+        attach.configure_link(sock, link).raise_first()
         return cfg.name
     # One dump gives both the interface's index and the names in use.
     dump = sock.dump(rtnl.dump_links())

@@ -18,7 +18,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cnm.fastpath import records, rtnl
+from cnm.fastpath import attach, records, rtnl
+from cnm.fastpath.messages import Message
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
 from .. import errors
@@ -176,43 +177,45 @@ def veths_into_sandboxes(
         for fd in fds:
             os.close(fd)
         raise kernel_error(exc, "open sandbox") from None
-    reqs = []
+    ends = [
+        attach.HostEnd(
+            name=it.host_name,
+            peer_name=it.peer_name,
+            master=it.master or None,
+            mtu=it.mtu,
+            group=it.group,
+            queues=it.queues,
+            hairpin=it.hairpin,
+            isolated=it.isolated,
+        )
+        for it in items
+    ]
     owner: list[int] = []  # the item of each request
     first: list[int] = []  # each item's veth request
-    for i, (it, fd) in enumerate(zip(items, fds, strict=True)):
-        first.append(len(reqs))
-        reqs.append(
-            rtnl.veth(
-                rtnl.VethSpec(
-                    name=it.host_name,
-                    peer_name=it.peer_name,
-                    peer_netns_fd=fd,
-                    master=it.master or None,
-                    mtu=it.mtu,
-                    group=it.group,
-                    up=True,
-                    queues=it.queues,
-                )
-            )
-        )
-        owner.append(i)
-        if it.routed:
-            # A routed host end forwards what its container sends and answers ARP
-            # for the addresses routed elsewhere (proxy ARP): set in the same batch.
-            reqs.append(rtnl.link_inet_conf(it.host_name, ROUTED_INET_CONF))
-            owner.append(i)
-        if it.hairpin or it.isolated:
-            reqs.append(
-                rtnl.bridge_port(
-                    it.host_name, hairpin=it.hairpin or None, isolated=it.isolated or None
-                )
-            )
-            owner.append(i)
-    try:
-        result = sock.execute(reqs)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    if len(items) == 1 and not items[0].routed:
+        # One join (the sequential case): its batch laid out in one call.
+        try:
+            result = attach.add_host_end(sock, ends[0], fds[0])
+        finally:
+            os.close(fds[0])
+        owner = [0] * result.total
+        first = [0]
+    else:
+        reqs: list[Message] = []
+        for i, (it, end, fd) in enumerate(zip(items, ends, fds, strict=True)):
+            first.append(len(reqs))
+            batch = attach.host_end_requests(end, fd)
+            if it.routed:
+                # A routed host end forwards what its container sends and answers ARP
+                # for the addresses routed elsewhere (proxy ARP): set in the same batch.
+                batch.insert(1, rtnl.link_inet_conf(it.host_name, ROUTED_INET_CONF))
+            reqs += batch
+            owner += [i] * len(batch)
+        try:
+            result = sock.execute(reqs)
+        finally:
+            for fd in fds:
+                os.close(fd)
     out: list[errors.CNMError | None] = [None] * len(items)
     if not result.errors:
         return out
