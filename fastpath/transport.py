@@ -432,9 +432,7 @@ def socket_for(netns_path: str | None = None, *, backend: str | None = None) -> 
     Keyed by the namespace's identity, so a path reused for a new namespace gets a new
     socket. Call `forget()` when deleting a namespace: a cached socket keeps it alive.
     """
-    from . import select_backend
-
-    name = select_backend(backend)
+    name = _backend(backend)[0]
     key = (netns_path, *_identity(netns_path), name)
     with _sockets_lock:
         sock = _sockets.get(key)
