@@ -283,7 +283,8 @@ class NetworkController:
         return found
 
     def _driver(self, name: str) -> Driver:
-        return self._registry.get(name)
+        drv = self._registry.registered(name)  # every join asks: no lock when registered
+        return drv if drv is not None else self._registry.get(name)
 
     def _network_info(self, rec: NetworkRecord, drv: Driver) -> NetworkInfo:
         return NetworkInfo(
@@ -300,7 +301,10 @@ class NetworkController:
     def _driver_for(self, rec: NetworkRecord) -> Driver:
         """The network's driver, told about the network first if it keeps state in memory
         (a network created before this controller started, or by another process)."""
-        drv = self._driver(rec.driver)
+        return self._announce(self._driver(rec.driver), rec)
+
+    def _announce(self, drv: Driver, rec: NetworkRecord) -> Driver:
+        """`drv`, told about its network `rec` first if it was not yet (_driver_for)."""
         if implements(drv, Restorable) and (drv.name, rec.id) not in self._announced:
             drv.restore_network(self._network_info(rec, drv))
             self._announced.add((drv.name, rec.id))
@@ -1015,6 +1019,14 @@ class NetworkController:
         pairs = as_pairs(pairs, "join_many")
         targets = [_container_of(t) for _, t in pairs]
         _check_endpoints([ep for ep, _ in pairs])
+        return self._join(pairs, targets)
+
+    def _join_one(self, endpoint: Endpoint, target: str | Sandbox) -> str:
+        """Endpoint.join: a join_many of one pair, whose shape and endpoint are known."""
+        return self._join([(endpoint, target)], [_container_of(target)])[0]
+
+    def _join(self, pairs: list[tuple[Endpoint, str | Sandbox]], targets: list[str]) -> list[str]:
+        """join_many of checked pairs; `targets`: each pair's container id."""
         with self._lock:
             with self._store.tx():
                 plans, new_sandboxes, has_gateway = self._plan_joins(pairs, targets)
@@ -1051,7 +1063,8 @@ class NetworkController:
                     self._store.put_join_results(results)
             # Without a hostname a sandbox's files do not depend on its endpoints: they
             # were written when it was made (those made here: now, from their records).
-            self._write_new_files([sb for sb in new_sandboxes.values() if not sb.hostname])
+            if new_sandboxes:
+                self._write_new_files([sb for sb in new_sandboxes.values() if not sb.hostname])
             rewrite = {p.sandbox.id for p in plans if p.sandbox.hostname}
             if rewrite:
                 self._write_files(rewrite)
@@ -1062,12 +1075,9 @@ class NetworkController:
     def _kernel_only(self, plans: list[_JoinPlan]) -> bool:
         """Whether every plan's driver is registered and a KernelOnlyJoin one (asked from
         memory: this runs inside the store's write transaction)."""
-        registered = self._registry.names()
         for name in {p.network.driver for p in plans}:
-            if name not in registered:
-                return False
-            drv: Any = self._driver(name)
-            if not (implements(drv, KernelOnlyJoin) and drv.kernel_only_joins):
+            drv: Any = self._registry.registered(name)
+            if drv is None or not (implements(drv, KernelOnlyJoin) and drv.kernel_only_joins):
                 return False
         return True
 
@@ -1115,7 +1125,7 @@ class NetworkController:
                     sid, present = found.sandbox.id, found.present
                     on_nets[sid] = {nid for nid, _, _ in present} if present else set()
                     used_names[sid] = {name for _, name, _ in present} if present else set()
-                    if any(gw for _, _, gw in present):
+                    if present and any(gw for _, _, gw in present):
                         has_gateway.add(sid)
             if handle is not None and read[k] is None:
                 raise errors.SandboxNotFound(cid)
@@ -1149,8 +1159,9 @@ class NetworkController:
                     f"container {cid!r} already has an endpoint on network {net.name!r}"
                 )
             on_nets[sb.id].add(net.id)
-            ifname = free_name(used_names[sb.id], "eth")
-            used_names[sb.id].add(ifname)
+            used = used_names[sb.id]
+            ifname = free_name(used, "eth") if used else "eth0"  # a sandbox's first: eth0
+            used.add(ifname)
             plans.append(_JoinPlan(rec, net, sb, ifname))
         self._check_ports([p.network for p in plans], joined_count)
         return plans, new_sandboxes, has_gateway
@@ -1189,8 +1200,8 @@ class NetworkController:
                     has_gateway.add(p.sandbox.id)
                 join_data[p.endpoint.id] = {
                     "gateway": gateway,
-                    "gw4": str(info.gateway) if info.gateway else None,
-                    "gw6": str(info.gateway_ipv6) if info.gateway_ipv6 else None,
+                    "gw4": _address_text(info.gateway) if info.gateway else None,
+                    "gw6": _address_text(info.gateway_ipv6) if info.gateway_ipv6 else None,
                 }
                 if not gateway:
                     info = replace(info, gateway=None, gateway_ipv6=None)
@@ -1235,12 +1246,12 @@ class NetworkController:
         for n in networks:
             adding[n.id] = adding.get(n.id, 0) + 1
             first.setdefault(n.id, n)
-        registered = self._registry.names()
         for net_id, count in adding.items():
             net = first[net_id]
-            if net.driver not in registered:
+            drv = self._registry.registered(net.driver)
+            if drv is None:
                 continue
-            drv = self._driver_for(net)
+            self._announce(drv, net)
             limit: int | None = None
             if implements(drv, PortLimit):
                 limit = drv.port_limit(net.id)  # type: ignore[attr-defined]
@@ -1262,24 +1273,16 @@ class NetworkController:
         by_driver: dict[str, list[int]] = {}
         for i, p in enumerate(plans):
             by_driver.setdefault(p.network.driver, []).append(i)
-        for idxs in by_driver.values():
-            drv = self._driver_for(plans[idxs[0]].network)
-            for i in idxs[1:]:  # announce every other network of this driver
-                self._driver_for(plans[i].network)
-            items = [
-                (
-                    plans[i].network.id,
-                    plans[i].endpoint.id,
-                    SandboxInfo(
-                        plans[i].sandbox.id,
-                        plans[i].sandbox.key,
-                        plans[i].sandbox.container_id,
-                        plans[i].ifname,
-                        _interface_info(plans[i].endpoint),
-                    ),
+        for name, idxs in by_driver.items():
+            drv = self._driver(name)
+            items: list[tuple[str, str, SandboxInfo]] = []
+            for i in idxs:
+                ep, net, sb, ifname = plans[i]
+                self._announce(drv, net)
+                info = _interface_info(ep)
+                items.append(
+                    (net.id, ep.id, SandboxInfo(sb.id, sb.key, sb.container_id, ifname, info))
                 )
-                for i in idxs
-            ]
             if implements(drv, BulkJoin):
                 outcomes: list[Any] = drv.join_many(items)
             else:
@@ -1298,7 +1301,7 @@ class NetworkController:
                     joined.append(plans[i])
         if first_error is not None:
             raise first_error
-        assert all(info is not None for info in infos)
+        assert None not in infos
         return infos  # type: ignore[return-value]
 
     # --- joins into sandboxes an engine owns (the plugin server) --------------------------
@@ -1778,9 +1781,29 @@ _JOIN_KEYS = ("ifname", "gateway", "gw4", "gw6")
 
 def _with_join(data: Mapping[str, object], join: Mapping[str, object] | None) -> dict[str, object]:
     """An endpoint's driver_data with what its join set up (None: after a leave)."""
-    out = {k: v for k, v in data.items() if k not in _JOIN_KEYS}
-    out.update(join or {})
+    out = {k: v for k, v in data.items() if k not in _JOIN_KEYS} if data else {}
+    if join:
+        out.update(join)
     return out
+
+
+# Gateway addresses as text, by the address object: a driver hands back the same gateway
+# object with every join of a network (the bridge keeps it per network) and str() of an
+# ipaddress object costs more than the rest of a join's driver data. Each entry holds its
+# object, so its id is not reused while the entry lives.
+_ADDRESS_TEXT: dict[int, tuple[IPAddress, str]] = {}
+_ADDRESS_TEXT_MAX = 256
+
+
+def _address_text(addr: IPAddress) -> str:
+    known = _ADDRESS_TEXT.get(id(addr))
+    if known is not None and known[0] is addr:
+        return known[1]
+    if len(_ADDRESS_TEXT) >= _ADDRESS_TEXT_MAX:
+        _ADDRESS_TEXT.clear()
+    text = str(addr)
+    _ADDRESS_TEXT[id(addr)] = (addr, text)
+    return text
 
 
 def _parse_ipv4_interface(text: str) -> ipaddress.IPv4Interface:

@@ -60,7 +60,7 @@ class Endpoint(Handle[EndpointRecord]):
 
     def join(self, sandbox: str | Sandbox) -> str:
         """Join a container (by id, or an existing Sandbox); returns the sandbox key."""
-        return self._ctl.join_many([(self, sandbox)])[0]
+        return self._ctl._join_one(self, sandbox)
 
     def leave(self, sandbox: str | Sandbox) -> None:
         self._ctl.leave_many([(self, sandbox)])

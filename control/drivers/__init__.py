@@ -52,6 +52,12 @@ class DriverRegistry:
                     return self._drivers.setdefault(name, found)
         raise errors.DriverNotFound(name)
 
+    def registered(self, name: str) -> Driver | None:
+        """The driver registered as `name`, or None: no resolver is asked (so never a
+        plugin handshake), for callers inside a store transaction. A registered name
+        never changes driver, so a plain dict read (atomic) needs no lock."""
+        return self._drivers.get(name)
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._drivers)

@@ -34,7 +34,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import errors
 from ..driverapi import (
@@ -65,6 +65,7 @@ DATAPATHS = ("bridge", "routed")
 # allocates one per possible CPU, then cuts that down to one after registration, waiting
 # out an RCU grace period per end under the rtnl lock).
 VETH_QUEUES = 1
+JOIN_INFOS_MAX = 64  # JoinInfos kept per network (by interface name: eth0, eth1, ...)
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,34 @@ def _halves(subnet: ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Network, ...]:
     return tuple(subnet.subnets(prefixlen_diff=1))
 
 
+def _join_info(net: _Net, src_name: str) -> JoinInfo:
+    """What a join to `net` whose container end is `src_name` hands back."""
+    routes: tuple[StaticRoute, ...] = ()
+    if net.routed and net.gateway4 is not None:
+        routes = tuple(
+            StaticRoute(str(half), 0, net.gateway4)
+            for p in net.info.ipv4
+            for half in _halves(ipaddress.IPv4Network(p.subnet))
+        )
+    return JoinInfo(
+        src_name=src_name,
+        in_sandbox=True,
+        dst_prefix="eth",
+        gateway=None if net.info.internal else net.gateway4,
+        gateway_ipv6=None if net.info.internal else net.gateway6,
+        static_routes=routes,
+    )
+
+
 @dataclass
 class _Net:
     info: NetworkInfo
     options: BridgeOptions
     bridge: str
     index: int | None = None
+    # A join's JoinInfo by the name its interface is made under: the same for every join
+    # of the network under that name (and immutable), so made once.
+    join_infos: dict[str, JoinInfo] = field(default_factory=dict)
 
     # Worked out once per network (the info and options never change): every join asks
     # for them, some several times.
@@ -316,29 +339,19 @@ class BridgeDriver(JoinsInBulk):
             retry = [i for i, o in enumerate(outcomes) if o is not None]
             for i, o in zip(retry, self.links.veths([specs[i] for i in retry]), strict=True):
                 outcomes[i] = o
-        self._program_host(items, nets, specs, outcomes)
+        if self.accel.active or any(net.routed for net in nets):
+            self._program_host(items, nets, specs, outcomes)
         out: list[JoinInfo | errors.CNMError] = []
         for net, spec, outcome in zip(nets, specs, outcomes, strict=True):
             if outcome is not None:
                 out.append(outcome)
                 continue
-            routes: tuple[StaticRoute, ...] = ()
-            if net.routed and net.gateway4 is not None:
-                routes = tuple(
-                    StaticRoute(str(half), 0, net.gateway4)
-                    for p in net.info.ipv4
-                    for half in _halves(ipaddress.IPv4Network(p.subnet))
-                )
-            out.append(
-                JoinInfo(
-                    src_name=spec.peer_name,
-                    in_sandbox=True,
-                    dst_prefix="eth",
-                    gateway=None if net.info.internal else net.gateway4,
-                    gateway_ipv6=None if net.info.internal else net.gateway6,
-                    static_routes=routes,
-                )
-            )
+            info = net.join_infos.get(spec.peer_name)
+            if info is None:
+                if len(net.join_infos) >= JOIN_INFOS_MAX:  # names by endpoint: join_on_host
+                    net.join_infos.clear()
+                info = net.join_infos[spec.peer_name] = _join_info(net, spec.peer_name)
+            out.append(info)
         return out
 
     def _interface(self, endpoint_id: str, sandbox: SandboxInfo) -> InterfaceInfo | None:
