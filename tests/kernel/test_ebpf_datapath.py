@@ -29,7 +29,7 @@ from cnm.ebpf import build, loader, probe
 from cnm.ebpf.redirect import RedirectEndpoint, RedirectOwner
 from tests.bpf_gate import require_bpf
 
-from .oracles import ns_ping
+from .oracles import ns_ping, ns_routes
 from .test_bridge import remove_everything
 from .test_ebpf import BAD_PROGRAM
 
@@ -144,9 +144,16 @@ def test_pings_take_the_fast_path_and_doctor_shows_the_counters(
     assert on.ebpf == "on" and on.ebpf_reason is None
     opts = ROUTED if datapath == "routed" else {}
     net = on.create_network("fast", ipv4=subnet(1), options=opts)
-    (a, ka), (b, _), (c, _) = containers(on, net, 3, "f")
+    joined = containers(on, net, 3, "f")
+    (a, ka), (b, _), (c, _) = joined
     for ep in (a, b, c):
         assert loader.tc_query(ifindex(ep)) is not None, "the program is on every host end"
+    if datapath == "routed":
+        # Every container (the driver hands the same JoinInfo to each join of the
+        # network) routes its subnet's two halves through the gateway.
+        for _, key in joined:
+            routes = {(r["dst"], r.get("gateway")) for r in ns_routes(key)}
+            assert {("10.91.0.0/25", gateway(1)), ("10.91.0.128/25", gateway(1))} <= routes
     before = on.ebpf_counters
     assert before is not None and before["endpoints"] == 3
     for ep in (b, c):

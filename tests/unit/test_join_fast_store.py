@@ -141,6 +141,35 @@ def test_a_known_record_is_used_only_while_the_row_says_the_same(stores: tuple) 
     assert found == _ep(1, options={"k": "v"})
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ipv4_address": "10.9.0.99/24"},
+        {"ipv6_address": "fd00::99/64"},
+        {"mac_address": "02:42:0a:09:00:99"},
+        {"sandbox_id": SB},
+        {"join_state": "leaving"},
+        {"name": "renamed"},
+        {"driver_data": {"ifname": "eth3"}},
+    ],
+)
+def test_a_known_record_differing_in_one_field_is_not_taken(
+    stores: tuple, change: dict[str, object]
+) -> None:
+    """The row compared with the caller's record in SQL: any one field that differs
+    (each column the comparison covers, and driver data) makes the stored row win."""
+    a, b = stores
+    known = _ep(1)
+    stored = _ep(1, **change)
+    b.put_endpoints([stored])
+    found = _reads(a, sandbox_id=SB, known=known).endpoint
+    assert found is not known
+    assert found == stored
+    # And the other way round: a known record with the change, the row without it.
+    b.put_endpoints([known])
+    assert _reads(a, sandbox_id=SB, known=stored).endpoint == known
+
+
 def test_single_confirmation_waits_for_another_writer(stores: tuple) -> None:
     a, b = stores
     a.put_join_intents([(_ep(1).id, SB)])
