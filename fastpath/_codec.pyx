@@ -641,6 +641,10 @@ def encode_veth_join(first_seq, name, peer_name, peer_fd, master, mtu, group, qu
             _nest_end(&b, linkinfo, _m.IFLA_LINKINFO)
             _msg_end(&b, msg, _RTM_NEWLINK, _F_REQUEST | _F_ACK, seq + 1)
         return b.data[:b.len]
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot lay out the veth pair: {exc}") from None
     finally:
         free(b.data)
 
@@ -683,6 +687,8 @@ def encode_link_config(first_seq, index, mtu, addresses, mac, routes):
             n = PyBytes_GET_SIZE(packed)
             if n != 4 and n != 16:
                 raise EncodeError(f"address of {n} bytes")
+            if not 0 <= prefixlen <= 8 * n:
+                raise EncodeError(f"prefix length {prefixlen} for a {8 * n}-bit address")
             msg = _msg_begin(&b)
             memset(ifa, 0, 8)
             ifa[0] = <uint8_t>(_AF_INET if n == 4 else _AF_INET6)
@@ -716,6 +722,8 @@ def encode_link_config(first_seq, index, mtu, addresses, mac, routes):
             n = PyBytes_GET_SIZE(dst) if prefixlen else (4 if gw is None else PyBytes_GET_SIZE(gw))
             if gw is None and not prefixlen:
                 raise EncodeError("a route needs a destination or a gateway")
+            if not 0 <= prefixlen <= 8 * n or (n != 4 and n != 16):
+                raise EncodeError(f"route prefix length {prefixlen} for a {8 * n}-bit family")
             msg = _msg_begin(&b)
             memset(rtm, 0, 12)
             rtm[0] = <uint8_t>(_AF_INET if n == 4 else _AF_INET6)

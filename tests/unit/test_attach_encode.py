@@ -133,6 +133,7 @@ def test_default_routes_are_the_gateways_defaults() -> None:
         (1, "v", None, 9, None, None, None, None, False, False),  # peer name missing
         (1, "v", "eth0", "9", None, None, None, None, False, False),  # fd not an int
         (1, "v" * 70000, "eth0", 9, None, None, None, None, False, False),  # over 65535
+        (1, "v\udc80", "eth0", 9, None, None, None, None, False, False),  # lone surrogate
     ],
 )
 def test_bad_host_end_is_an_encode_error(args: tuple) -> None:
@@ -149,6 +150,9 @@ def test_bad_host_end_is_an_encode_error(args: tuple) -> None:
         (1, 2, None, [], None, [(b"", 0, None)]),  # a route with neither
         (1, "2", None, [], None, []),  # index not an int
         (1, 2, None, [("10.0.0.1", 8)], None, []),  # address not packed
+        (1, 2, None, [(b"\x0a\x00\x00\x01", 33)], None, []),  # prefix past 32
+        (1, 2, None, [(b"\x0a\x00\x00\x01", -1)], None, []),  # negative prefix
+        (1, 2, None, [], None, [(b"\x0a\x00\x00\x00", 40, b"\x0a\x00\x00\x01")]),
     ],
 )
 def test_bad_link_config_is_an_encode_error(args: tuple) -> None:
