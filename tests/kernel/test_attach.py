@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from cnm import fastpath
 from cnm.fastpath import attach, netns, records, rtnl, transport
 from cnm.fastpath import messages as m
 from cnm.fastpath.transport import NetlinkSocket
@@ -26,16 +25,6 @@ from .oracles import bridge_ports, ns_addr_info, ns_link_details, ns_routes
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
 GROUP = 0x636E6D7E
-
-
-@pytest.fixture(params=["python", "native"])
-def backend(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if name == "native" and not fastpath.native_available():
-        if os.environ.get("CNM_REQUIRE_NATIVE") == "1":
-            pytest.fail("CNM_REQUIRE_NATIVE=1 but cnm.fastpath._codec is not built")
-        pytest.skip("the native codec (cnm.fastpath._codec) is not built")
-    return name
 
 
 @pytest.fixture

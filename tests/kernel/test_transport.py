@@ -49,17 +49,6 @@ MISSING = 0x7FFF0000  # an interface index no namespace here has
 # --- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["python", "native"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Both codecs; native skips when it is not built, unless CNM_REQUIRE_NATIVE=1."""
-    name: str = request.param
-    if name == "native" and not fastpath.native_available():
-        if os.environ.get("CNM_REQUIRE_NATIVE") == "1":
-            pytest.fail("CNM_REQUIRE_NATIVE=1 but cnm.fastpath._codec is not built")
-        pytest.skip("the native codec (cnm.fastpath._codec) is not built")
-    return name
-
-
 class Spaces:
     """Namespaces, namespace fds and sockets made by one test; all released at the end."""
 
