@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cnm.fastpath import attach, bulk, netns, records, rtnl
-from cnm.fastpath.messages import Message
 from cnm.fastpath.transport import NetlinkError, NetlinkSocket, socket_for
 
 from .. import errors
@@ -84,8 +83,7 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
             mtu=cfg.mtu,
             addresses=cfg.addresses,
             mac=cfg.mac,
-            routes=attach.default_routes(cfg.gateway, cfg.gateway6)
-            + tuple((r.destination, r.gateway) for r in cfg.routes),
+            routes=_routes(cfg),
         )
         attach.configure_link(sock, link).raise_first()
         return cfg.name
@@ -100,26 +98,17 @@ def _configure(sock: NetlinkSocket, cfg: InterfaceConfig) -> str:
     reqs = [rtnl.link_set(idx, up=False, name=name, mac=cfg.mac, mtu=cfg.mtu)]
     reqs += [rtnl.addr_add(idx, a) for a in cfg.addresses]
     reqs.append(rtnl.link_set(idx, up=True))
-    _add_routes(reqs, idx, cfg)
+    reqs += [rtnl.route_add(dst, gateway=gw, oif=idx) for dst, gw in _routes(cfg)]
     sock.execute(reqs).raise_first()
     return name
 
 
-# A default route's request, built once per gateway and interface index (every join to
-# a network asks for the same one, mostly on index 2); messages are immutable.
-_default_route = functools.lru_cache(maxsize=256)(
-    lambda dst, gateway, idx: rtnl.route_add(dst, gateway=gateway, oif=idx)
-)
-
-
-def _add_routes(reqs: list[Message], idx: int, cfg: InterfaceConfig) -> None:
-    """The gateway and static routes of an interface that is up, appended to `reqs`."""
-    if cfg.gateway is not None:
-        reqs.append(_default_route(bulk.DEFAULT_V4, cfg.gateway, idx))
-    if cfg.gateway6 is not None:
-        reqs.append(_default_route(bulk.DEFAULT_V6, cfg.gateway6, idx))
-    for r in cfg.routes:
-        reqs.append(rtnl.route_add(r.destination, gateway=r.gateway, oif=idx))
+def _routes(cfg: InterfaceConfig) -> tuple[tuple[IPNetwork, IPAddress | None], ...]:
+    """The routes of an interface that is up (destination, gateway): its default routes
+    through the gateways, then its static routes."""
+    return attach.default_routes(cfg.gateway, cfg.gateway6) + tuple(
+        (r.destination, r.gateway) for r in cfg.routes
+    )
 
 
 class SandboxInterfaces:
