@@ -15,7 +15,7 @@ from cnm.fastpath.rtnl import VxlanSpec
 from .oracles import ns_fdb, ns_links, ns_neighbours
 
 # Fixtures shared with the transport tests (both codecs, a fresh namespace, its socket).
-from .test_transport import backend, host, nl, spaces  # noqa: F401
+from .test_transport import host, nl, spaces  # noqa: F401
 
 pytestmark = [pytest.mark.privileged, pytest.mark.usefixtures("_unmount_leftovers")]
 
